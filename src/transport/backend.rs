@@ -1,0 +1,159 @@
+//! The `VhostUserBackend` of one vhost-user connection.
+//!
+//! Each virtqueue has its own worker thread (`queues_per_thread` = one queue
+//! per thread) and its own [`QueueWorker`] behind its own mutex, touched only
+//! by that thread (and by GET_VRING_BASE when the ring stops), so there is no
+//! lock around the whole backend. Each worker's io_uring completion eventfd is
+//! registered on that thread's epoll loop as event `num_queues + 1`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::device::Device;
+use crate::worker::{GuestMemAtomic, QueueWorker, Vring, WorkerError};
+
+/// Backend state of one connection.
+pub struct BlkBackend {
+    dev: Arc<Device>,
+    mem: Mutex<GuestMemAtomic>,
+    workers: Vec<Mutex<QueueWorker>>,
+    exit: Vec<(EventConsumer, EventNotifier)>,
+    event_idx: AtomicBool,
+}
+
+impl BlkBackend {
+    /// A backend for one connection to `dev`, using `mem`, the guest memory
+    /// handle also given to the daemon.
+    ///
+    /// # Errors
+    /// [`WorkerError`] if a queue's io_uring or an eventfd cannot be created.
+    pub fn new(dev: Arc<Device>, mem: GuestMemAtomic) -> Result<Self, WorkerError> {
+        let nq = dev.config.num_queues;
+        let workers = (0..nq)
+            .map(|i| QueueWorker::new(dev.clone(), mem.clone(), i).map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let exit = (0..nq)
+            .map(|i| {
+                new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+                    .map_err(|source| WorkerError::Setup { queue: i, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(BlkBackend {
+            dev,
+            mem: Mutex::new(mem),
+            workers,
+            exit,
+            event_idx: AtomicBool::new(false),
+        })
+    }
+
+    /// The event id under which a worker's completion eventfd is registered.
+    pub fn completion_event_id(&self) -> u64 {
+        u64::from(self.dev.config.num_queues) + 1
+    }
+
+    /// Locks the worker of queue `index`.
+    pub fn worker(&self, index: usize) -> MutexGuard<'_, QueueWorker> {
+        self.workers[index]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of queues (= workers).
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Completes every in-flight request of every queue.
+    pub fn drain_all(&self) {
+        for i in 0..self.workers.len() {
+            self.worker(i).drain();
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.dev.config.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.dev.config.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.dev.config.features()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        crate::transport::config::DeviceConfig::protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+        for i in 0..self.workers.len() {
+            self.worker(i).set_event_idx(enabled);
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.dev.config.read_config(offset, size)
+    }
+
+    fn update_memory(&self, mem: GuestMemAtomic) -> std::io::Result<()> {
+        *self.mem.lock().unwrap_or_else(|p| p.into_inner()) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.workers.len()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.exit.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        if let Some(w) = self.workers.get(queue_index as usize) {
+            w.lock().unwrap_or_else(|p| p.into_inner()).drain();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            log::warn!("queue {thread_id}: unexpected event set {evset:?}");
+        }
+        // Each thread serves one queue: its vring is vrings[0], kicks arrive as event 0.
+        let Some(vring) = vrings.first() else {
+            log::error!("worker thread {thread_id} has no vring");
+            return Ok(());
+        };
+        let mut worker = self.worker(thread_id);
+        if u64::from(device_event) == self.completion_event_id() {
+            worker.complete(vring);
+        } else if usize::from(device_event) < vrings.len() {
+            worker.process_queue(vring);
+        } else {
+            log::warn!("queue {thread_id}: unknown event {device_event}");
+        }
+        Ok(())
+    }
+}

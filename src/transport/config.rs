@@ -1,0 +1,146 @@
+//! Device identity: virtio feature bits and the virtio-blk configuration
+//! space (virtio 1.2 §5.2.3, §5.2.4), and the vhost-user protocol features.
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// Largest DISCARD / WRITE_ZEROES request, in 512-byte sectors (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Largest number of segments in one DISCARD / WRITE_ZEROES request.
+pub const MAX_DISCARD_SEG: u32 = 32;
+
+/// What the device looks like to the driver.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// Capacity in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Logical block size in bytes (512 or 4096), offered with VIRTIO_BLK_F_BLK_SIZE.
+    pub logical_block_size: u32,
+    /// Number of request virtqueues (VIRTIO_BLK_F_MQ).
+    pub num_queues: u16,
+    /// Largest virtqueue size accepted.
+    pub queue_size: u16,
+    /// Offer VIRTIO_BLK_F_RO and refuse writes.
+    pub read_only: bool,
+    /// Serial returned by GET_ID (at most 20 bytes are used).
+    pub serial: String,
+}
+
+impl DeviceConfig {
+    /// Virtio feature bits offered (virtio 1.2 §5.2.3), plus
+    /// VHOST_USER_F_PROTOCOL_FEATURES.
+    pub fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | (1 << VIRTIO_BLK_F_DISCARD)
+            | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    /// vhost-user protocol features: CONFIG (QEMU and libblkio read the
+    /// config space), MQ, REPLY_ACK and CONFIGURE_MEM_SLOTS (libblkio).
+    pub fn protocol_features() -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    /// Most data descriptors in one request (`seg_max`): QEMU's choice, queue size - 2.
+    pub fn seg_max(&self) -> u32 {
+        u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+
+    /// The `struct virtio_blk_config` bytes (little-endian, 60 bytes, up to
+    /// `write_zeroes_may_unmap` and its padding; virtio 1.2 §5.2.4).
+    pub fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 60];
+        let put32 =
+            |c: &mut Vec<u8>, off: usize, v: u32| c[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        c[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
+        // size_max (8) left 0: not offered.
+        put32(&mut c, 12, self.seg_max());
+        // geometry (16..20) not offered.
+        put32(&mut c, 20, self.logical_block_size);
+        // topology: physical_block_exp, alignment_offset, min_io_size (in logical blocks), opt_io_size.
+        c[24] = 0;
+        c[25] = 0;
+        c[26..28].copy_from_slice(&1u16.to_le_bytes());
+        put32(&mut c, 28, 0);
+        // writeback (32): 0, no CONFIG_WCE.
+        c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
+        let lbs_sectors = self.logical_block_size / 512;
+        put32(&mut c, 36, MAX_DISCARD_SECTORS);
+        put32(&mut c, 40, MAX_DISCARD_SEG);
+        put32(&mut c, 44, lbs_sectors.max(1));
+        put32(&mut c, 48, MAX_DISCARD_SECTORS);
+        put32(&mut c, 52, MAX_DISCARD_SEG);
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    /// `size` bytes of the config space from `offset`, zero-filled past its end
+    /// (vhost-user GET_CONFIG must answer exactly the size asked).
+    pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.config_space();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(space.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(space.len());
+        out[..end - start].copy_from_slice(&space[start..end]);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DeviceConfig {
+        DeviceConfig {
+            capacity_sectors: 2048,
+            logical_block_size: 4096,
+            num_queues: 2,
+            queue_size: 256,
+            read_only: true,
+            serial: "x".into(),
+        }
+    }
+
+    #[test]
+    fn config_space_layout() {
+        let c = cfg().config_space();
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2048);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
+        assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 8);
+        assert!(cfg().features() & (1 << VIRTIO_BLK_F_RO) != 0);
+    }
+
+    #[test]
+    fn read_config_returns_exactly_the_size_asked() {
+        let c = cfg();
+        assert_eq!(c.read_config(0, 96).len(), 96);
+        assert_eq!(c.read_config(200, 8), vec![0; 8]);
+        assert_eq!(c.read_config(34, 2), vec![2, 0]);
+    }
+}

@@ -1,0 +1,358 @@
+//! Descriptor-chain parsing for virtio-blk requests (virtio 1.2 §5.2.6).
+//!
+//! A request is read framing-agnostically, as virtio 1.2 §2.7.4 asks: the
+//! device-readable descriptors are concatenated into one byte stream (the
+//! 16-byte `virtio_blk_outhdr`, then for WRITE the data, for DISCARD and
+//! WRITE_ZEROES the segments), and the device-writable descriptors into
+//! another (for READ the data, for GET_ID the 20-byte id, and always the
+//! 1-byte status last). Every buffer is kept as a list of guest-physical
+//! ranges ([`GuestRange`]) so that the pin model sees it before it becomes
+//! host iovecs.
+
+use std::fmt;
+use std::ops::Deref;
+
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+/// Size in bytes of `struct virtio_blk_outhdr` (type, reserved/ioprio, sector).
+pub const OUTHDR_LEN: usize = 16;
+/// Size in bytes of one `struct virtio_blk_discard_write_zeroes` segment.
+pub const SEGMENT_LEN: usize = 16;
+/// Size in bytes of the GET_ID answer (virtio 1.2 §5.2.6: 20 bytes, not NUL-terminated if full).
+pub const ID_LEN: usize = 20;
+/// A virtio-blk sector: always 512 bytes, whatever the logical block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Upper bound on descriptors in one chain we accept (the iovec limit, `IOV_MAX`).
+pub const MAX_SEGMENTS: usize = 1024;
+
+/// One contiguous guest-physical buffer: `len` bytes starting at guest-physical address `addr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestRange {
+    /// Guest-physical address of the first byte.
+    pub addr: u64,
+    /// Length in bytes (never 0 in a parsed request).
+    pub len: u32,
+}
+
+impl GuestRange {
+    /// Guest-physical address one past the last byte.
+    pub fn end(&self) -> u64 {
+        self.addr + u64::from(self.len)
+    }
+}
+
+impl fmt::Display for GuestRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}+{:#x}", self.addr, self.len)
+    }
+}
+
+/// The request types of virtio 1.2 §5.2.6 that pinblk knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestType {
+    /// VIRTIO_BLK_T_IN: read from the disk into guest memory.
+    In,
+    /// VIRTIO_BLK_T_OUT: write guest memory to the disk.
+    Out,
+    /// VIRTIO_BLK_T_FLUSH: make completed writes durable (fdatasync).
+    Flush,
+    /// VIRTIO_BLK_T_GET_ID: return the 20-byte serial.
+    GetId,
+    /// VIRTIO_BLK_T_DISCARD: deallocate sector ranges (punch holes).
+    Discard,
+    /// VIRTIO_BLK_T_WRITE_ZEROES: zero sector ranges, unmapping them if allowed.
+    WriteZeroes,
+    /// Any other type: answered with VIRTIO_BLK_S_UNSUPP.
+    Unsupported(u32),
+}
+
+impl RequestType {
+    /// Maps the `type` field of `virtio_blk_outhdr`.
+    pub fn from_raw(t: u32) -> Self {
+        match t {
+            VIRTIO_BLK_T_IN => RequestType::In,
+            VIRTIO_BLK_T_OUT => RequestType::Out,
+            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
+            other => RequestType::Unsupported(other),
+        }
+    }
+
+    /// Short upper-case name used in logs and reports ("READ", "WRITE", ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            RequestType::In => "READ",
+            RequestType::Out => "WRITE",
+            RequestType::Flush => "FLUSH",
+            RequestType::GetId => "GET_ID",
+            RequestType::Discard => "DISCARD",
+            RequestType::WriteZeroes => "WRITE_ZEROES",
+            RequestType::Unsupported(_) => "UNSUPPORTED",
+        }
+    }
+}
+
+/// A parsed virtio-blk request: header fields plus its buffers as guest-physical ranges.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Head index of the descriptor chain (what goes into the used element).
+    pub head: u16,
+    /// Request type from the header.
+    pub kind: RequestType,
+    /// Starting sector from the header, in 512-byte units.
+    pub sector: u64,
+    /// Data buffer in chain order: device-readable bytes after the header for
+    /// WRITE, DISCARD and WRITE_ZEROES; device-writable bytes before the status
+    /// byte for READ and GET_ID.
+    pub data: Vec<GuestRange>,
+    /// Total length of `data` in bytes.
+    pub data_len: u32,
+    /// Guest-physical address of the 1-byte status.
+    pub status_addr: GuestAddress,
+}
+
+/// Why a descriptor chain is not a valid virtio-blk request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    /// No device-writable byte to hold the status: nothing can be reported to the driver.
+    #[error("descriptor chain has no device-writable status byte")]
+    NoStatus,
+    /// Fewer than 16 device-readable bytes before the writable part.
+    #[error("request header is {0} bytes, shorter than the 16-byte virtio_blk_outhdr")]
+    ShortHeader(usize),
+    /// A device-readable descriptor after a device-writable one (virtio 1.2 §2.7.4.2).
+    #[error("device-readable descriptor follows a device-writable one")]
+    ReadableAfterWritable,
+    /// A descriptor points outside guest memory.
+    #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
+    BadAddress {
+        /// Guest-physical address of the descriptor.
+        addr: u64,
+        /// Length of the descriptor in bytes.
+        len: u32,
+    },
+    /// Data in descriptors of the wrong direction, e.g. device-readable data on a READ.
+    #[error("{kind} request has {bytes} data bytes in descriptors of the wrong direction")]
+    WrongDirection {
+        /// Request type name.
+        kind: &'static str,
+        /// Bytes in the wrongly directed descriptors.
+        bytes: u64,
+    },
+    /// More descriptors than [`MAX_SEGMENTS`].
+    #[error("descriptor chain has more than {MAX_SEGMENTS} descriptors")]
+    TooManyDescriptors,
+}
+
+/// Buffers of a chain that failed to parse but whose status byte is known, so
+/// the driver can be told VIRTIO_BLK_S_IOERR.
+#[derive(Debug)]
+pub struct BadRequest {
+    /// Head index of the descriptor chain.
+    pub head: u16,
+    /// Guest-physical address of the status byte, if one was found.
+    pub status_addr: Option<GuestAddress>,
+    /// What is wrong with the chain.
+    pub error: ParseError,
+}
+
+/// Takes `len` bytes from the front of a list of ranges, returning them as ranges.
+fn take_ranges(ranges: &[GuestRange], mut skip: u64, mut len: u64) -> Vec<GuestRange> {
+    let mut out = Vec::new();
+    for r in ranges {
+        if len == 0 {
+            break;
+        }
+        let rlen = u64::from(r.len);
+        if skip >= rlen {
+            skip -= rlen;
+            continue;
+        }
+        let n = (rlen - skip).min(len);
+        out.push(GuestRange {
+            addr: r.addr + skip,
+            len: n as u32,
+        });
+        len -= n;
+        skip = 0;
+    }
+    out
+}
+
+/// Reads `buf.len()` bytes starting at byte `offset` of a list of guest ranges.
+pub fn read_ranges<M: GuestMemory + ?Sized>(
+    mem: &M,
+    ranges: &[GuestRange],
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut done = 0usize;
+    for r in take_ranges(ranges, offset, buf.len() as u64) {
+        let n = r.len as usize;
+        mem.read_slice(&mut buf[done..done + n], GuestAddress(r.addr))?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Writes `buf` starting at byte `offset` of a list of guest ranges.
+pub fn write_ranges<M: GuestMemory + ?Sized>(
+    mem: &M,
+    ranges: &[GuestRange],
+    offset: u64,
+    buf: &[u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut done = 0usize;
+    for r in take_ranges(ranges, offset, buf.len() as u64) {
+        let n = r.len as usize;
+        mem.write_slice(&buf[done..done + n], GuestAddress(r.addr))?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Parses one descriptor chain into a [`Request`].
+///
+/// Checks only what the chain itself says (framing, addresses inside guest
+/// memory, header length); checks against the device (capacity, read-only,
+/// lengths) are made by the caller, which knows the device.
+///
+/// # Errors
+/// A [`BadRequest`] naming the head index, the status byte if one was found,
+/// and the [`ParseError`].
+pub fn parse_chain<M>(chain: DescriptorChain<M>) -> Result<Request, BadRequest>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let head = chain.head_index();
+    let mem = chain.memory();
+    let mut readable: Vec<GuestRange> = Vec::new();
+    let mut writable: Vec<GuestRange> = Vec::new();
+    let mut error = None;
+    let mut count = 0usize;
+    for desc in chain.clone() {
+        count += 1;
+        if count > MAX_SEGMENTS {
+            error.get_or_insert(ParseError::TooManyDescriptors);
+            break;
+        }
+        let range = GuestRange {
+            addr: desc.addr().0,
+            len: desc.len(),
+        };
+        if range.len == 0 {
+            continue;
+        }
+        if !mem.check_range(
+            desc.addr(),
+            desc.len() as usize,
+            vm_memory::Permissions::ReadWrite,
+        ) {
+            error.get_or_insert(ParseError::BadAddress {
+                addr: range.addr,
+                len: range.len,
+            });
+        }
+        if desc.is_write_only() {
+            writable.push(range);
+        } else {
+            if !writable.is_empty() {
+                error.get_or_insert(ParseError::ReadableAfterWritable);
+            }
+            readable.push(range);
+        }
+    }
+
+    // The status byte is the last byte of the device-writable part.
+    let status_addr = match writable.last_mut() {
+        Some(last) if error != Some(ParseError::ReadableAfterWritable) => {
+            let addr = GuestAddress(last.end() - 1);
+            last.len -= 1;
+            if last.len == 0 {
+                writable.pop();
+            }
+            let status_ok = mem.check_range(addr, 1, vm_memory::Permissions::ReadWrite);
+            status_ok.then_some(addr)
+        }
+        _ => None,
+    };
+    let Some(status_addr) = status_addr else {
+        return Err(BadRequest {
+            head,
+            status_addr: None,
+            error: error.unwrap_or(ParseError::NoStatus),
+        });
+    };
+    if let Some(error) = error {
+        return Err(BadRequest {
+            head,
+            status_addr: Some(status_addr),
+            error,
+        });
+    }
+
+    let readable_len: u64 = readable.iter().map(|r| u64::from(r.len)).sum();
+    if readable_len < OUTHDR_LEN as u64 {
+        return Err(BadRequest {
+            head,
+            status_addr: Some(status_addr),
+            error: ParseError::ShortHeader(readable_len as usize),
+        });
+    }
+    let mut hdr = [0u8; OUTHDR_LEN];
+    if read_ranges(mem, &readable, 0, &mut hdr).is_err() {
+        let r = readable[0];
+        return Err(BadRequest {
+            head,
+            status_addr: Some(status_addr),
+            error: ParseError::BadAddress {
+                addr: r.addr,
+                len: r.len,
+            },
+        });
+    }
+    let kind = RequestType::from_raw(u32::from_le_bytes(hdr[0..4].try_into().unwrap()));
+    let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+
+    // Data: device-readable bytes after the header, and all device-writable
+    // bytes before the status. A request type uses one or the other; the
+    // caller rejects the wrong direction (see `Request::readable_extra`).
+    let readable_data = take_ranges(
+        &readable,
+        OUTHDR_LEN as u64,
+        readable_len - OUTHDR_LEN as u64,
+    );
+    let (data, other) = match kind {
+        RequestType::In | RequestType::GetId => (writable, readable_data),
+        _ => (readable_data, writable),
+    };
+    let data_len: u64 = data.iter().map(|r| u64::from(r.len)).sum();
+    let other_len: u64 = other.iter().map(|r| u64::from(r.len)).sum();
+    let req = Request {
+        head,
+        kind,
+        sector,
+        data_len: data_len as u32,
+        data,
+        status_addr,
+    };
+    if other_len != 0 && !matches!(kind, RequestType::Unsupported(_)) {
+        return Err(BadRequest {
+            head,
+            status_addr: Some(status_addr),
+            error: ParseError::WrongDirection {
+                kind: kind.name(),
+                bytes: other_len,
+            },
+        });
+    }
+    Ok(req)
+}
