@@ -750,3 +750,6 @@ fn host_iovecs(mem: &GuestMem, ranges: &[GuestRange]) -> Result<Vec<HostIovec>, 
     }
     Ok(iov)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Integrity: per-block CRC32C of every write and the checksum store.

@@ -1,0 +1,1 @@
+//! Pinned-DMA model (see DESIGN.md): pin tracking of guest pages under DMA.

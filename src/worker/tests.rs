@@ -1,0 +1,1 @@
+//! Unit tests of the data path with virtio-queue MockSplitQueue.
