@@ -145,7 +145,7 @@ fn spawn_signal_thread(control: Arc<Control>, dev: Arc<Device>, socket: PathBuf)
                     None => {
                         // Waiting in accept(): no request can be in flight.
                         log::info!(
-                            "counters: {}",
+                            "stopped; counters: {}",
                             serde_json::to_string(&dev.counters()).unwrap_or_default()
                         );
                         let _ = std::fs::remove_file(&socket);
