@@ -77,6 +77,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub direct: bool,
 
+    /// Complete READ and WRITE without touching the image (a reference that
+    /// shows what the vhost-user path itself costs; data is not stored).
+    #[arg(long)]
+    pub null: bool,
+
     /// Exit after serving this many connections (default: serve until SIGINT/SIGTERM).
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u64>,

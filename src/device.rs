@@ -60,6 +60,8 @@ pub struct Device {
     pub image: Image,
     /// One set of counters per virtqueue, indexed by queue index.
     pub queue_counters: Vec<QueueCounters>,
+    /// `--null`: READ and WRITE complete without touching the image.
+    pub null: bool,
     next_request_id: AtomicU64,
 }
 
@@ -73,6 +75,7 @@ impl Device {
             config,
             image,
             queue_counters,
+            null: false,
             next_request_id: AtomicU64::new(1),
         }
     }

@@ -37,7 +37,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         args.num_queues,
         args.queue_size
     );
-    let dev = Arc::new(Device::new(config, image));
+    let mut dev = Device::new(config, image);
+    dev.null = args.null;
+    if args.null {
+        log::warn!(
+            "--null: READ and WRITE complete without touching the image; data is not stored"
+        );
+    }
+    let dev = Arc::new(dev);
     pinblk::transport::server::serve(dev.clone(), &args.socket, args.max_connections)
         .map_err(|e| e.to_string())?;
     log::info!(

@@ -397,7 +397,7 @@ impl QueueWorker {
                         "length {len} is not a multiple of the {lbs}-byte logical block"
                     )));
                 }
-                if (req.sector * SECTOR_SIZE) % lbs != 0 {
+                if req.sector.wrapping_mul(SECTOR_SIZE) % lbs != 0 {
                     return Err(ioerr(format!(
                         "sector {} is not aligned to the {lbs}-byte logical block",
                         req.sector
@@ -406,6 +406,14 @@ impl QueueWorker {
                 let end = req.sector.checked_add(len / SECTOR_SIZE);
                 if end.is_none_or(|e| e > capacity) {
                     return Err(ioerr(format!("past capacity ({capacity} sectors)")));
+                }
+                if self.dev.null {
+                    let used_len = if req.kind == RequestType::In {
+                        req.data_len + 1
+                    } else {
+                        1
+                    };
+                    return Ok(Prepared::Done { used_len });
                 }
                 let iov = host_iovecs(mem, &req.data).map_err(ioerr)?;
                 Ok(Prepared::Io {
