@@ -5,7 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::integrity::report::ReportWriter;
+use crate::pin::PinTracker;
 use crate::storage::Image;
+use crate::worker::policy::PolicyConfig;
 use crate::transport::config::DeviceConfig;
 
 /// Counters of one virtqueue. Each queue has its own, so queues never share a
@@ -52,7 +55,6 @@ pub struct Counters {
 }
 
 /// One served block device.
-#[derive(Debug)]
 pub struct Device {
     /// What the driver sees (capacity, block size, queues, serial).
     pub config: DeviceConfig,
@@ -62,12 +64,21 @@ pub struct Device {
     pub queue_counters: Vec<QueueCounters>,
     /// `--null`: READ and WRITE complete without touching the image.
     pub null: bool,
+    /// Pins of every in-flight READ and WRITE, all queues.
+    pub pins: PinTracker,
+    /// What to do about conflicts.
+    pub policy: PolicyConfig,
+    /// Where events go (log, counters and the `--report` file).
+    pub report: ReportWriter,
+    /// Bytes of bounce buffers held now, all queues.
+    pub bounce_in_use: AtomicU64,
     next_request_id: AtomicU64,
 }
 
 impl Device {
     /// A device serving `image` as described by `config`.
     pub fn new(config: DeviceConfig, image: Image) -> Device {
+        let num_queues = config.num_queues;
         let queue_counters = (0..config.num_queues)
             .map(|_| QueueCounters::default())
             .collect();
@@ -76,6 +87,10 @@ impl Device {
             image,
             queue_counters,
             null: false,
+            pins: PinTracker::new(num_queues, std::time::Duration::from_secs(1)),
+            policy: PolicyConfig::default(),
+            report: ReportWriter::open(None).expect("a report without a file cannot fail"),
+            bounce_in_use: AtomicU64::new(0),
             next_request_id: AtomicU64::new(1),
         }
     }

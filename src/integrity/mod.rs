@@ -1,1 +1,92 @@
 //! Integrity: per-block CRC32C of every write and the checksum store.
+//!
+//! Units used throughout this module (and named in every signature):
+//! - **bytes**: offsets and lengths into the image (`offset`, `len`).
+//! - **sectors**: 512-byte units, as virtio-blk and dm-integrity count them
+//!   (`sector = byte offset / 512`).
+//! - **blocks**: 4 KiB checksum blocks, numbered from 0 (`block = byte offset
+//!   / 4096`, so `sector = block * 8`). The last block of an image whose size
+//!   is not a multiple of 4096 is shorter: its checksum covers only the bytes
+//!   that exist ([`ChecksumStore::block_len`]).
+//!
+//! Parts:
+//! - [`ChecksumStore`] (`store.rs`): the in-memory table of one CRC32C per
+//!   block and its file beside the image (`IMAGE.pinsum`), durable at FLUSH,
+//!   recovered after an unclean shutdown.
+//! - [`scrub`] (`scrub.rs`): offline verification of a whole image.
+//! - [`report`]: JSON Lines report events, the human log line, counters.
+//! - [`summary`]: reading a report back for `pinblk report PATH`.
+
+pub mod report;
+mod scrub;
+mod store;
+pub mod summary;
+
+#[cfg(test)]
+mod tests;
+
+pub use scrub::{scrub, ScrubMismatch, ScrubReport};
+pub use store::{
+    default_store_path, ChecksumStore, IntegrityError, Mismatch, OpenOutcome, RecoveredBlock,
+    StoreOptions, ALGORITHM_CRC32C, HEADER_SIZE, STORE_MAGIC, STORE_VERSION,
+};
+
+use std::sync::OnceLock;
+
+/// Size of one checksum block, in bytes (4 KiB).
+pub const BLOCK_SIZE: u64 = 4096;
+/// Size of one sector, in bytes (virtio-blk's and dm-integrity's unit).
+pub const SECTOR_SIZE: u64 = 512;
+/// Sectors per checksum block (8): `sector = block * SECTORS_PER_BLOCK`.
+pub const SECTORS_PER_BLOCK: u64 = BLOCK_SIZE / SECTOR_SIZE;
+/// Name of the checksum algorithm as it appears in reports.
+pub const ALGORITHM_NAME: &str = "crc32c";
+
+/// CRC32C (Castagnoli) of `data`, hardware-accelerated (SSE 4.2 / ARMv8 CRC)
+/// when the CPU has it. Same value as btrfs' default csum, fio's
+/// `verify=crc32c` and iSCSI digests (initial value and final xor `!0`).
+pub fn crc32c(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
+}
+
+/// Continues a CRC32C: `crc32c_append(crc32c(a), b) == crc32c(a ++ b)`.
+pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, data)
+}
+
+/// CRC32C of the concatenation of `slices` (a scatter list, e.g. the guest
+/// buffers of one descriptor chain), without copying them.
+pub fn crc32c_slices<'a, I>(slices: I) -> u32
+where
+    I: IntoIterator<Item = &'a [u8]>,
+{
+    slices.into_iter().fold(0, crc32c::crc32c_append)
+}
+
+/// CRC32C of one full 4 KiB block of zero bytes: the checksum of a discarded
+/// or zeroed block, and of a hole in a sparse image. Computed once.
+pub fn crc_of_zero_block() -> u32 {
+    static ZERO: OnceLock<u32> = OnceLock::new();
+    *ZERO.get_or_init(|| crc32c(&[0u8; BLOCK_SIZE as usize]))
+}
+
+/// CRC32C of `len` zero bytes (`len` ≤ 4096 in practice: a short last block).
+pub fn crc_of_zeros(len: usize) -> u32 {
+    if len == BLOCK_SIZE as usize {
+        return crc_of_zero_block();
+    }
+    let zeros = [0u8; 4096];
+    let mut crc = 0;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len());
+        crc = crc32c_append(crc, &zeros[..n]);
+        left -= n;
+    }
+    crc
+}
+
+/// Formats a checksum the way reports print it: `0x` and 8 lowercase hex digits.
+pub fn hex_crc(crc: u32) -> String {
+    format!("0x{crc:08x}")
+}

@@ -1,1 +1,109 @@
 //! Pinned-DMA model (see DESIGN.md): pin tracking of guest pages under DMA.
+//!
+//! Every in-flight request pins the guest pages of its data buffer when its
+//! descriptor chain is popped ([`PinTracker::pin`], the counterpart of
+//! `pin_user_pages()` / FOLL_PIN in mm/gup.c) and unpins them when its used
+//! element is pushed ([`PinTracker::unpin`], `unpin_user_page()`). A guest page
+//! is 4 KiB of guest-physical memory named by its GPA >> 12
+//! ([`GUEST_PAGE_SHIFT`]).
+//!
+//! # Structure
+//!
+//! - Per guest page, one `AtomicU64` holds two pin counts: the low 32 bits count
+//!   [`Direction::DeviceWrite`] pins (READ requests), the high 32 bits
+//!   [`Direction::DeviceRead`] pins (WRITE requests). This is the kernel's
+//!   per-page pin count (`GUP_PIN_COUNTING_BIAS` in the page refcount), read by
+//!   [`PinTracker::maybe_pinned`] like `folio_maybe_dma_pinned()`. The counters
+//!   live in lazily allocated 1 GiB chunks (2 MiB of counters each) for GPAs
+//!   below 1 TiB, and in a mutex-protected hash map above that.
+//! - Per virtqueue, a registry (a mutex-protected slab) of in-flight pins says
+//!   *by whom*: request id, direction, guest-physical ranges, start time. A
+//!   queue's mutex is taken by its own worker on pin/unpin and by other queues
+//!   only on the conflict path, so it is uncontended when there is no conflict.
+//! - Counters in guest pages ([`PinCounters`]): the counterparts of
+//!   `nr_foll_pin_acquired` / `nr_foll_pin_released` (kept per queue, under
+//!   that queue's registry mutex), plus current and peak pinned pages (one
+//!   shared relaxed atomic each) and long-term pins.
+//!
+//! # Protocol for the data path
+//!
+//! 1. `let h = tracker.pin(queue, id, dir, &req.data);` when the chain is popped.
+//! 2. `let conflicts = tracker.check(&h, &req.data);` (R1 / R2 / long-term).
+//!    Pin *before* checking: of two concurrent conflicting requests on two
+//!    queues, at least one then sees the other (both directions of a page share
+//!    one atomic word, and a pin is registered before its counters are raised).
+//! 3. `tracker.mark_submitted(&h);` right before the I/O goes to storage (the
+//!    stall policy only waits on submitted pins: no wait cycle is possible).
+//! 4. `tracker.unpin(h);` when the used element is pushed.
+//!
+//! See [`PinTracker`] for long-term pins and for the non-blocking stall support.
+
+mod pages;
+mod tracker;
+
+#[cfg(test)]
+mod tests;
+
+pub use tracker::{
+    PagePins, PinConflict, PinCounters, PinHandle, PinRef, PinTracker, PinnedBy, Waker,
+};
+
+/// log2 of the guest page size: a guest page is named by its guest-physical address >> 12.
+pub const GUEST_PAGE_SHIFT: u32 = 12;
+/// Size of a guest page in bytes (4 KiB), the unit of all pin counters.
+pub const GUEST_PAGE_SIZE: u64 = 1 << GUEST_PAGE_SHIFT;
+
+/// Direction of the DMA a pin covers, named from the device's side.
+///
+/// Kernel counterpart: the DMA direction of a pinned page (`DMA_FROM_DEVICE` /
+/// `DMA_TO_DEVICE`); FOLL_WRITE is set for [`Direction::DeviceWrite`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Direction {
+    /// The device writes guest memory: a READ request (`VIRTIO_BLK_T_IN`), the
+    /// pinned pages are its destination. Kernel: `DMA_FROM_DEVICE`.
+    DeviceWrite,
+    /// The device reads guest memory: a WRITE request (`VIRTIO_BLK_T_OUT`), the
+    /// pinned pages are its source. Kernel: `DMA_TO_DEVICE`.
+    DeviceRead,
+}
+
+impl Direction {
+    /// Short name used in logs ("DeviceWrite" / "DeviceRead").
+    pub fn name(&self) -> &'static str {
+        match self {
+            Direction::DeviceWrite => "DeviceWrite",
+            Direction::DeviceRead => "DeviceRead",
+        }
+    }
+}
+
+/// The DESIGN.md detection rule a [`PinConflict`] falls under.
+///
+/// Serialized as `"R1"`, `"R2"` and `"long_term"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Rule {
+    /// R1: a new WRITE whose source pages overlap the destination of an
+    /// in-flight READ (a [`Direction::DeviceWrite`] pin that is not long-term).
+    /// Kernel counterpart: writeback of a page that `folio_maybe_dma_pinned()`.
+    R1,
+    /// R2: a new READ whose destination pages overlap the source of an
+    /// in-flight WRITE (a [`Direction::DeviceRead`] pin).
+    R2,
+    /// A WRITE touching a long-term-pinned page of either direction (a pin older
+    /// than the tracker's `longterm_after`, or registered with
+    /// [`PinTracker::pin_longterm`]). Kernel counterpart: FOLL_LONGTERM pins
+    /// (RDMA, io_uring fixed buffers), the case Jan Kara's bounce patch targets.
+    #[serde(rename = "long_term")]
+    LongTerm,
+}
+
+impl Rule {
+    /// Name used in logs and reports: "R1", "R2" or "long_term".
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rule::R1 => "R1",
+            Rule::R2 => "R2",
+            Rule::LongTerm => "long_term",
+        }
+    }
+}

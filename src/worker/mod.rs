@@ -7,9 +7,12 @@
 //! One [`QueueWorker`] serves one virtqueue and runs only on that queue's
 //! vhost-user worker thread; it shares nothing mutable with other queues.
 
+pub mod policy;
+
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 use vhost_user_backend::{VringRwLock, VringT};
@@ -23,6 +26,9 @@ use vm_memory::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Device, QueueCounters};
+use crate::integrity::report::{gpa_range, EventKind, ReportEvent, ReportOp, Rule as ReportRule};
+use crate::pin::{Direction, PinConflict, PinHandle, PinRef, Rule as PinRule};
+use policy::{decide, Action, NoStall};
 use crate::transport::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use crate::transport::request::{
     parse_chain, read_ranges, write_ranges, GuestRange, Request, RequestType, ID_LEN, SECTOR_SIZE,
@@ -56,6 +62,54 @@ struct Segment {
     mode: i32,
 }
 
+/// user_data of the worker's retry timer (io_uring timeout).
+const TIMER_TAG: u64 = u64::MAX;
+/// Bit set in user_data of a READ's injected completion delay.
+const DELAY_TAG: u64 = 1 << 63;
+/// How often parked requests are retried while any exist.
+const RETRY_INTERVAL: Duration = Duration::from_millis(1);
+
+/// A private buffer a bounced request does its I/O through, 4 KiB-aligned
+/// (so it also works with `--direct`).
+struct BounceBuf {
+    buf: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl BounceBuf {
+    fn new(len: usize) -> BounceBuf {
+        let buf = vec![0u8; len + 4096];
+        let off = buf.as_ptr().align_offset(4096);
+        BounceBuf { buf, off, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.off..self.off + self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
+/// Where a request stands.
+enum State {
+    /// Handed to storage (or about to be).
+    Running,
+    /// Stalled on conflicting pins until they are released or `deadline`.
+    Stalled {
+        since: Instant,
+        deadline: Instant,
+        waits: Vec<PinRef>,
+        event: Box<ReportEvent>,
+    },
+    /// Waiting for bounce-pool memory.
+    PoolWait,
+    /// I/O done; completion held back by `--inject-read-delay`.
+    Delayed,
+}
+
 /// A request submitted to the storage engine and not yet completed.
 struct InFlight {
     req: Request,
@@ -73,6 +127,11 @@ struct InFlight {
     ops_pending: u32,
     status: u8,
     used_len: u32,
+    /// The pin on the data buffer (READ and WRITE only).
+    pin: Option<PinHandle>,
+    bounce: Option<BounceBuf>,
+    state: State,
+    delay_ts: Option<Box<types::Timespec>>,
 }
 
 /// Why a request is refused before any I/O, with the status it gets.
@@ -102,6 +161,11 @@ pub struct QueueWorker {
     vring: Option<Vring>,
     needs_signal: bool,
     zero_range_unsupported: bool,
+    /// Slots in State::Stalled or State::PoolWait.
+    parked: Vec<u32>,
+    timer_ts: Box<types::Timespec>,
+    timer_pending: bool,
+    rng: fastrand::Rng,
 }
 
 /// Errors creating a worker.
@@ -147,6 +211,10 @@ impl QueueWorker {
             vring: None,
             needs_signal: false,
             zero_range_unsupported: false,
+            parked: Vec::new(),
+            timer_ts: Box::new(types::Timespec::from(RETRY_INTERVAL)),
+            timer_pending: false,
+            rng: fastrand::Rng::new(),
         })
     }
 
@@ -212,6 +280,7 @@ impl QueueWorker {
     pub fn complete(&mut self, vring: &Vring) {
         let _ = self.eventfd.read();
         self.reap();
+        self.retry_parked(false);
         self.submit();
         self.signal(vring);
     }
@@ -219,6 +288,8 @@ impl QueueWorker {
     /// Waits until every in-flight request has completed and its used element
     /// is pushed (vhost-user GET_VRING_BASE, disconnect, shutdown).
     pub fn drain(&mut self) {
+        // End every stall now (as a timeout): nothing may wait past a drain.
+        self.retry_parked(true);
         while self.inflight > 0 {
             self.submit();
             if let Err(e) = self.ring.submit_and_wait(1) {
@@ -228,6 +299,7 @@ impl QueueWorker {
                 }
             }
             self.reap();
+            self.retry_parked(true);
         }
         if let Some(v) = self.vring.clone() {
             self.signal(&v);
@@ -366,6 +438,10 @@ impl QueueWorker {
                     ops_pending: 0,
                     status: VIRTIO_BLK_S_OK as u8,
                     used_len,
+                    pin: None,
+                    bounce: None,
+                    state: State::Running,
+                    delay_ts: None,
                 };
                 let slot = match self.free.pop() {
                     Some(s) => s,
@@ -376,8 +452,171 @@ impl QueueWorker {
                 };
                 self.slots[slot as usize] = Some(f);
                 self.inflight += 1;
-                self.issue(slot);
+                self.admit(slot);
             }
+        }
+    }
+
+    fn slot(&mut self, slot: u32) -> &mut InFlight {
+        self.slots[slot as usize].as_mut().expect("slot is in use")
+    }
+
+    /// Pins a READ's or WRITE's data buffer, checks it for conflicts (R1, R2,
+    /// long-term pins) and carries out the policy; other requests go straight
+    /// to storage.
+    fn admit(&mut self, slot: u32) {
+        let index = self.index;
+        let dev = self.dev.clone();
+        let f = self.slot(slot);
+        let is_write = match f.req.kind {
+            RequestType::Out => true,
+            RequestType::In => false,
+            _ => return self.issue(slot),
+        };
+        let dir = if is_write { Direction::DeviceRead } else { Direction::DeviceWrite };
+        let pin = dev.pins.pin(index, f.id, dir, &f.req.data);
+        let conflicts = dev.pins.check(&pin, &f.req.data);
+        f.pin = Some(pin);
+        let (action, no_stall) = decide(&dev.policy, is_write, &conflicts);
+        if conflicts.is_empty() {
+            return self.go(slot, action == Action::Bounce, false);
+        }
+        let event = conflict_event(index, f, &conflicts, &dev, action, no_stall);
+        match action {
+            Action::ZeroCopy | Action::Bounce => {
+                emit(&dev, &event);
+                self.go(slot, action == Action::Bounce, false)
+            }
+            Action::Fail => {
+                emit(&dev, &event);
+                self.slot(slot).status = VIRTIO_BLK_S_IOERR as u8;
+                self.finish(slot)
+            }
+            Action::Stall => {
+                let waits: Vec<PinRef> = conflicts
+                    .iter()
+                    .map(|c| c.by.pin)
+                    .filter(|p| dev.pins.watch(p, index))
+                    .collect();
+                let now = Instant::now();
+                self.slot(slot).state = State::Stalled {
+                    since: now,
+                    deadline: now + dev.policy.stall_timeout,
+                    waits,
+                    event: Box::new(event),
+                };
+                self.parked.push(slot);
+                self.arm_timer();
+            }
+        }
+    }
+
+    /// Sends slot `slot` to storage, through a bounce buffer if `bounce`. If
+    /// the bounce pool is exhausted the request waits (parked) for memory,
+    /// unless `force` (teardown), which lets the pool overflow.
+    fn go(&mut self, slot: u32, bounce: bool, force: bool) {
+        if bounce && self.slot(slot).bounce.is_none() && !self.take_bounce(slot, force) {
+            self.slot(slot).state = State::PoolWait;
+            self.parked.push(slot);
+            self.arm_timer();
+            return;
+        }
+        let dev = self.dev.clone();
+        let f = self.slot(slot);
+        f.state = State::Running;
+        if let Some(pin) = &f.pin {
+            dev.pins.mark_submitted(pin);
+        }
+        self.issue(slot)
+    }
+
+    /// Gives slot `slot` a bounce buffer (a WRITE's data copied into it) and
+    /// points its iovec at it. `false` if the pool has no room for it now.
+    fn take_bounce(&mut self, slot: u32, force: bool) -> bool {
+        let dev = self.dev.clone();
+        let f = self.slot(slot);
+        let len = u64::from(f.req.data_len);
+        let limit = dev.policy.bounce_pool_bytes;
+        let reserved = dev.bounce_in_use.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            // An empty pool always serves one request, however large.
+            (force || used == 0 || used + len <= limit).then_some(used + len)
+        });
+        if reserved.is_err() {
+            return false;
+        }
+        let mut b = BounceBuf::new(len as usize);
+        if f.req.kind == RequestType::Out {
+            if let Err(e) = read_ranges(&*f.mem, &f.req.data, 0, b.bytes_mut()) {
+                log::warn!("request {}: cannot copy guest data to the bounce buffer: {e}", f.id);
+                f.status = VIRTIO_BLK_S_IOERR as u8;
+            }
+        }
+        f.iov = vec![HostIovec {
+            base: b.bytes().as_ptr() as usize,
+            len: b.len,
+        }];
+        f.iov_start = 0;
+        f.bounce = Some(b);
+        true
+    }
+
+    /// Pushes the retry timer (an io_uring timeout) unless one is pending.
+    fn arm_timer(&mut self) {
+        if self.timer_pending {
+            return;
+        }
+        let sqe = opcode::Timeout::new(&*self.timer_ts as *const types::Timespec)
+            .build()
+            .user_data(TIMER_TAG);
+        // SAFETY: the timespec is owned by `self` (boxed, never replaced) and
+        // outlives the SQE; a timeout carries no other pointer.
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            self.submit();
+        }
+        self.timer_pending = true;
+    }
+
+    /// Retries parked requests: a stall ends when every pin it waits on is
+    /// released (zero-copy), or at its deadline or when `force` (bounce); a
+    /// request waiting for bounce memory tries the pool again.
+    fn retry_parked(&mut self, force: bool) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let dev = self.dev.clone();
+        let now = Instant::now();
+        for slot in std::mem::take(&mut self.parked) {
+            let f = self.slot(slot);
+            match std::mem::replace(&mut f.state, State::Running) {
+                State::Stalled {
+                    since,
+                    deadline,
+                    waits,
+                    mut event,
+                } => {
+                    let released = waits.iter().all(|w| dev.pins.is_released(w));
+                    if released || force || now >= deadline {
+                        event.stall_us = Some(since.elapsed().as_micros() as u64);
+                        let action = if released { "stall" } else { "stall_timeout_bounce" };
+                        event.action = Some(action.into());
+                        emit(&dev, &event);
+                        self.go(slot, !released, force);
+                    } else {
+                        f.state = State::Stalled {
+                            since,
+                            deadline,
+                            waits,
+                            event,
+                        };
+                        self.parked.push(slot);
+                    }
+                }
+                State::PoolWait => self.go(slot, true, force),
+                other => f.state = other,
+            }
+        }
+        if !self.parked.is_empty() {
+            self.arm_timer();
         }
     }
 
@@ -392,12 +631,12 @@ impl QueueWorker {
                 }
                 let lbs = u64::from(cfg.logical_block_size);
                 let len = u64::from(req.data_len);
-                if len % lbs != 0 {
+                if !len.is_multiple_of(lbs) {
                     return Err(ioerr(format!(
                         "length {len} is not a multiple of the {lbs}-byte logical block"
                     )));
                 }
-                if req.sector.wrapping_mul(SECTOR_SIZE) % lbs != 0 {
+                if !req.sector.wrapping_mul(SECTOR_SIZE).is_multiple_of(lbs) {
                     return Err(ioerr(format!(
                         "sector {} is not aligned to the {lbs}-byte logical block",
                         req.sector
@@ -443,7 +682,7 @@ impl QueueWorker {
                 }
                 let len = req.data_len as usize;
                 if len == 0
-                    || len % SEGMENT_LEN != 0
+                    || !len.is_multiple_of(SEGMENT_LEN)
                     || len / SEGMENT_LEN > MAX_DISCARD_SEG as usize
                 {
                     return Err(ioerr(format!("{len} bytes of segments: not 1..={MAX_DISCARD_SEG} segments of {SEGMENT_LEN} bytes")));
@@ -588,6 +827,15 @@ impl QueueWorker {
     }
 
     fn on_cqe(&mut self, user_data: u64, res: i32) {
+        if user_data == TIMER_TAG {
+            self.timer_pending = false;
+            return;
+        }
+        if user_data & DELAY_TAG != 0 {
+            let slot = (user_data & 0xffff_ffff) as u32;
+            self.slot(slot).state = State::Running;
+            return self.finish(slot);
+        }
         let slot = (user_data & 0xffff_ffff) as u32;
         let op = (user_data >> 32) as usize;
         let index = self.index;
@@ -686,15 +934,47 @@ impl QueueWorker {
         }
         let f = self.slots[slot as usize].as_ref().unwrap();
         if f.ops_pending == 0 {
+            if f.req.kind == RequestType::In && f.status == VIRTIO_BLK_S_OK as u8 {
+                if let Some(delay) = self.dev.policy.read_delay {
+                    if self.rng.f64() < self.dev.policy.read_delay_probability {
+                        return self.delay(slot, delay);
+                    }
+                }
+            }
             self.finish(slot);
         }
     }
 
-    /// Completes slot `slot`: status byte, used element, counters, slot freed.
+    /// `--inject-read-delay`: holds a completed READ (and its pin) for `delay`.
+    fn delay(&mut self, slot: u32, delay: Duration) {
+        let f = self.slot(slot);
+        f.state = State::Delayed;
+        let ts = f.delay_ts.insert(Box::new(types::Timespec::from(delay)));
+        let sqe = opcode::Timeout::new(&**ts as *const types::Timespec)
+            .build()
+            .user_data(u64::from(slot) | DELAY_TAG);
+        // SAFETY: the timespec is boxed in the slot, which lives until this
+        // timeout's CQE is reaped; a timeout carries no other pointer.
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            self.submit();
+        }
+    }
+
+    /// Completes slot `slot`: bounce copy-out, status byte, used element,
+    /// unpin, counters, slot freed.
     fn finish(&mut self, slot: u32) {
-        let f = self.slots[slot as usize]
+        let mut f = self.slots[slot as usize]
             .take()
             .expect("finished slot is in use");
+        if let Some(b) = f.bounce.take() {
+            if f.req.kind == RequestType::In && f.status == VIRTIO_BLK_S_OK as u8 {
+                if let Err(e) = write_ranges(&*f.mem, &f.req.data, 0, b.bytes()) {
+                    log::warn!("request {}: cannot copy the bounce buffer to the guest: {e}", f.id);
+                    f.status = VIRTIO_BLK_S_IOERR as u8;
+                }
+            }
+            self.dev.bounce_in_use.fetch_sub(b.len as u64, Ordering::AcqRel);
+        }
         self.free.push(slot);
         self.inflight -= 1;
         let c = self.counters();
@@ -719,6 +999,9 @@ impl QueueWorker {
             f.status,
             used_len,
         );
+        if let Some(pin) = f.pin.take() {
+            self.dev.pins.unpin(pin);
+        }
     }
 }
 
@@ -728,6 +1011,67 @@ impl Drop for QueueWorker {
         // (by dropping the slots) under a running request.
         self.drain();
     }
+}
+
+/// Logs and records a report event; a failing report file is logged, not fatal.
+fn emit(dev: &Device, e: &ReportEvent) {
+    if let Err(err) = dev.report.emit(e) {
+        log::error!("cannot write report event: {err}");
+    }
+}
+
+/// The `conflict` event of a request (DESIGN.md "Checksums and reports").
+fn conflict_event(
+    queue: u16,
+    f: &InFlight,
+    conflicts: &[PinConflict],
+    dev: &Device,
+    action: Action,
+    no_stall: Option<NoStall>,
+) -> ReportEvent {
+    let mut e = ReportEvent::new(EventKind::Conflict);
+    e.request_id = Some(f.id);
+    e.queue = Some(queue);
+    e.op = Some(if f.req.kind == RequestType::Out { ReportOp::Write } else { ReportOp::Read });
+    e.sector = Some(f.req.sector);
+    e.length = Some(u64::from(f.req.data_len));
+    let rule = if conflicts.iter().any(|c| c.rule == PinRule::LongTerm) {
+        ReportRule::LongTerm
+    } else if conflicts[0].rule == PinRule::R1 {
+        ReportRule::R1
+    } else {
+        ReportRule::R2
+    };
+    e.rule = Some(rule);
+    e.policy = Some(dev.policy.policy.name().into());
+    let action = match action {
+        Action::ZeroCopy => "passthrough",
+        Action::Bounce => "bounce",
+        Action::Stall => "stall",
+        Action::Fail => "fail",
+    };
+    e.action = Some(action.into());
+    let oldest = conflicts.iter().max_by_key(|c| c.by.age).expect("non-empty");
+    e.pin_direction = Some(oldest.by.direction.name().into());
+    e.pin_age_us = Some(oldest.by.age.as_micros() as u64);
+    let mut ids: Vec<u64> = conflicts.iter().map(|c| c.by.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    e.overlapping = ids;
+    let mut ranges: Vec<String> = conflicts
+        .iter()
+        .flat_map(|c| c.by.overlap.iter().map(|r| gpa_range(r.addr, u64::from(r.len))))
+        .collect();
+    ranges.dedup();
+    e.guest_ranges = ranges;
+    e.detail = no_stall.map(|n| {
+        match n {
+            NoStall::LongTerm => "not stalling: a conflicting pin is long-term",
+            NoStall::Waiting => "not stalling: a conflicting request is itself waiting",
+        }
+        .into()
+    });
+    e
 }
 
 /// What `prepare` decided.
