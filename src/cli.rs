@@ -1,8 +1,11 @@
 //! Command line of the `pinblk` binary (clap).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::worker::policy::{BounceMode, Policy};
 
 const SERVE_EXAMPLE: &str = "\
 Example (QEMU guest under TCG, 2 queues):
@@ -77,6 +80,43 @@ pub struct ServeArgs {
     #[arg(long)]
     pub direct: bool,
 
+    /// What to do with a request that touches guest pages still under DMA
+    /// (R1: a WRITE from pages an in-flight READ is filling; R2: a READ into
+    /// pages an in-flight WRITE is sending; any WRITE of a long-term-pinned page).
+    #[arg(long, value_enum, default_value_t = Policy::Bounce)]
+    pub policy: Policy,
+
+    /// Which writes are copied to a private buffer before they are written:
+    /// `conflicts` (as the policy decides) or `always` (full stable-pages protection).
+    #[arg(long, value_enum, default_value_t = BounceMode::Conflicts)]
+    pub bounce: BounceMode,
+
+    /// Longest a stalled request waits for the conflicting pins before it is bounced.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub stall_timeout: Duration,
+
+    /// A pin held longer than this counts as long-term (FOLL_LONGTERM); writes to it always conflict.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub longterm_after: Duration,
+
+    /// Memory for bounce buffers, all queues (bytes; K, M, G suffixes). When it
+    /// is used up, a request that must be bounced waits until buffers are returned.
+    #[arg(long, default_value = "64M", value_parser = parse_size, value_name = "BYTES")]
+    pub bounce_pool: u64,
+
+    /// Fault injection: keep READ DMAs pinned this much longer (completion held back),
+    /// to provoke conflicts on purpose.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub inject_read_delay: Option<Duration>,
+
+    /// Probability (0 to 1) that a READ gets --inject-read-delay.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_probability, value_name = "P")]
+    pub inject_read_probability: f64,
+
+    /// Append report events (JSON Lines, schema in README) to this file.
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+
     /// Complete READ and WRITE without touching the image (a reference that
     /// shows what the vhost-user path itself costs; data is not stored).
     #[arg(long)]
@@ -111,6 +151,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a size in bytes"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a probability between 0 and 1")),
+    }
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {

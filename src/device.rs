@@ -8,8 +8,8 @@ use serde::Serialize;
 use crate::integrity::report::ReportWriter;
 use crate::pin::PinTracker;
 use crate::storage::Image;
-use crate::worker::policy::PolicyConfig;
 use crate::transport::config::DeviceConfig;
+use crate::worker::policy::PolicyConfig;
 
 /// Counters of one virtqueue. Each queue has its own, so queues never share a
 /// cache line on the hot path; [`Device::counters`] sums them.
@@ -98,6 +98,17 @@ impl Device {
     /// A fresh request id, unique for the life of the process, starting at 1.
     pub fn next_request_id(&self) -> u64 {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Every counter (requests, pins, integrity events) as one JSON object,
+    /// for the shutdown and SIGUSR1 log lines.
+    pub fn counters_json(&self) -> String {
+        serde_json::json!({
+            "requests": self.counters(),
+            "pins": self.pins.counters(),
+            "events": self.report.counters(),
+        })
+        .to_string()
     }
 
     /// Counters summed over all queues.

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use clap::{CommandFactory, Parser};
 use pinblk::cli::{Cli, Command, ServeArgs, CAPABILITIES};
 use pinblk::device::Device;
+use pinblk::integrity::report::ReportWriter;
 use pinblk::storage::{Image, ImageOptions};
 use pinblk::transport::config::DeviceConfig;
+use pinblk::worker::policy::{BounceMode, PolicyConfig};
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     let image = Image::open(
@@ -39,6 +41,29 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     );
     let mut dev = Device::new(config, image);
     dev.null = args.null;
+    dev.pins = pinblk::pin::PinTracker::new(args.num_queues, args.longterm_after);
+    dev.policy = PolicyConfig {
+        policy: args.policy,
+        bounce_always: args.bounce == BounceMode::Always,
+        stall_timeout: args.stall_timeout,
+        read_delay: args.inject_read_delay,
+        read_delay_probability: args.inject_read_probability,
+        bounce_pool_bytes: args.bounce_pool,
+    };
+    dev.report = ReportWriter::open(args.report.as_deref()).map_err(|e| e.to_string())?;
+    log::info!(
+        "pin model: policy {}, bounce {:?}, stall timeout {:?}, long-term after {:?}{}",
+        args.policy.name(),
+        args.bounce,
+        args.stall_timeout,
+        args.longterm_after,
+        args.inject_read_delay
+            .map(|d| format!(
+                ", injected READ delay {d:?} (p={})",
+                args.inject_read_probability
+            ))
+            .unwrap_or_default()
+    );
     if args.null {
         log::warn!(
             "--null: READ and WRITE complete without touching the image; data is not stored"

@@ -175,7 +175,7 @@ fn sigterm_stops_cleanly() {
     let mut c = Client::connect(&srv.socket, 1, MIB as usize).unwrap();
     assert_eq!(c.write(0, 0, 0, 4096), 0);
     let socket = srv.socket.clone();
-    let st = srv.stop(libc::SIGTERM);
+    let (st, _) = srv.stop(libc::SIGTERM);
     assert!(st.success(), "exit status {st:?}");
     assert!(!socket.exists(), "socket removed on exit");
 }

@@ -53,14 +53,25 @@ pub fn serve(
         path: socket.to_path_buf(),
         source,
     };
-    // The socket gives full access to the image: create it 0600.
+    // The socket gives full access to the image: create it 0600. Bind under
+    // a temporary name and rename it into place, so that the path appears
+    // only once the socket is listening (no ECONNREFUSED window).
+    let tmp = socket.with_file_name(format!(
+        ".{}.{}",
+        socket
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
     // SAFETY: umask(2) only changes the process file-mode mask.
     let old = unsafe { libc::umask(0o177) };
-    let listener = Listener::new(socket, true);
+    let listener = Listener::new(&tmp, true);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let mut listener = listener.map_err(|e| listen_err(std::io::Error::other(e.to_string())))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    std::fs::rename(&tmp, socket).map_err(listen_err)?;
 
     let control = Arc::new(Control::default());
     spawn_signal_thread(control.clone(), dev.clone(), socket.to_path_buf());
@@ -106,10 +117,7 @@ pub fn serve(
         drop(handlers);
         drop(daemon);
         served += 1;
-        log::info!(
-            "counters: {}",
-            serde_json::to_string(&dev.counters()).unwrap_or_default()
-        );
+        log::info!("counters: {}", dev.counters_json());
         if max_connections.is_some_and(|m| served >= m) {
             break;
         }
@@ -132,10 +140,7 @@ fn spawn_signal_thread(control: Arc<Control>, dev: Arc<Device>, socket: PathBuf)
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGUSR1 {
-                    log::info!(
-                        "counters: {}",
-                        serde_json::to_string(&dev.counters()).unwrap_or_default()
-                    );
+                    log::info!("counters: {}", dev.counters_json());
                     continue;
                 }
                 log::info!("signal {sig}: stopping after in-flight requests complete");
@@ -144,10 +149,7 @@ fn spawn_signal_thread(control: Arc<Control>, dev: Arc<Device>, socket: PathBuf)
                     Some(h) => h.shutdown(),
                     None => {
                         // Waiting in accept(): no request can be in flight.
-                        log::info!(
-                            "stopped; counters: {}",
-                            serde_json::to_string(&dev.counters()).unwrap_or_default()
-                        );
+                        log::info!("stopped; counters: {}", dev.counters_json());
                         let _ = std::fs::remove_file(&socket);
                         std::process::exit(0);
                     }

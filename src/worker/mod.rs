@@ -28,12 +28,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::{Device, QueueCounters};
 use crate::integrity::report::{gpa_range, EventKind, ReportEvent, ReportOp, Rule as ReportRule};
 use crate::pin::{Direction, PinConflict, PinHandle, PinRef, Rule as PinRule};
-use policy::{decide, Action, NoStall};
 use crate::transport::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use crate::transport::request::{
     parse_chain, read_ranges, write_ranges, GuestRange, Request, RequestType, ID_LEN, SECTOR_SIZE,
     SEGMENT_LEN,
 };
+use policy::{decide, Action, NoStall};
 
 /// Guest memory as pinblk maps it (no dirty bitmap).
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -198,6 +198,15 @@ impl QueueWorker {
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
             .map_err(setup)?;
+        // A stalled request waits on pins of other queues: their unpin wakes
+        // this worker through its completion eventfd.
+        let waker_fd = eventfd.try_clone().map_err(setup)?;
+        dev.pins.set_waker(
+            index,
+            Some(Arc::new(move || {
+                let _ = waker_fd.write(1);
+            })),
+        );
         Ok(QueueWorker {
             dev,
             mem,
@@ -473,7 +482,11 @@ impl QueueWorker {
             RequestType::In => false,
             _ => return self.issue(slot),
         };
-        let dir = if is_write { Direction::DeviceRead } else { Direction::DeviceWrite };
+        let dir = if is_write {
+            Direction::DeviceRead
+        } else {
+            Direction::DeviceWrite
+        };
         let pin = dev.pins.pin(index, f.id, dir, &f.req.data);
         let conflicts = dev.pins.check(&pin, &f.req.data);
         f.pin = Some(pin);
@@ -537,17 +550,22 @@ impl QueueWorker {
         let f = self.slot(slot);
         let len = u64::from(f.req.data_len);
         let limit = dev.policy.bounce_pool_bytes;
-        let reserved = dev.bounce_in_use.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-            // An empty pool always serves one request, however large.
-            (force || used == 0 || used + len <= limit).then_some(used + len)
-        });
+        let reserved =
+            dev.bounce_in_use
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    // An empty pool always serves one request, however large.
+                    (force || used == 0 || used + len <= limit).then_some(used + len)
+                });
         if reserved.is_err() {
             return false;
         }
         let mut b = BounceBuf::new(len as usize);
         if f.req.kind == RequestType::Out {
             if let Err(e) = read_ranges(&*f.mem, &f.req.data, 0, b.bytes_mut()) {
-                log::warn!("request {}: cannot copy guest data to the bounce buffer: {e}", f.id);
+                log::warn!(
+                    "request {}: cannot copy guest data to the bounce buffer: {e}",
+                    f.id
+                );
                 f.status = VIRTIO_BLK_S_IOERR as u8;
             }
         }
@@ -597,7 +615,11 @@ impl QueueWorker {
                     let released = waits.iter().all(|w| dev.pins.is_released(w));
                     if released || force || now >= deadline {
                         event.stall_us = Some(since.elapsed().as_micros() as u64);
-                        let action = if released { "stall" } else { "stall_timeout_bounce" };
+                        let action = if released {
+                            "stall"
+                        } else {
+                            "stall_timeout_bounce"
+                        };
                         event.action = Some(action.into());
                         emit(&dev, &event);
                         self.go(slot, !released, force);
@@ -969,11 +991,16 @@ impl QueueWorker {
         if let Some(b) = f.bounce.take() {
             if f.req.kind == RequestType::In && f.status == VIRTIO_BLK_S_OK as u8 {
                 if let Err(e) = write_ranges(&*f.mem, &f.req.data, 0, b.bytes()) {
-                    log::warn!("request {}: cannot copy the bounce buffer to the guest: {e}", f.id);
+                    log::warn!(
+                        "request {}: cannot copy the bounce buffer to the guest: {e}",
+                        f.id
+                    );
                     f.status = VIRTIO_BLK_S_IOERR as u8;
                 }
             }
-            self.dev.bounce_in_use.fetch_sub(b.len as u64, Ordering::AcqRel);
+            self.dev
+                .bounce_in_use
+                .fetch_sub(b.len as u64, Ordering::AcqRel);
         }
         self.free.push(slot);
         self.inflight -= 1;
@@ -1032,7 +1059,11 @@ fn conflict_event(
     let mut e = ReportEvent::new(EventKind::Conflict);
     e.request_id = Some(f.id);
     e.queue = Some(queue);
-    e.op = Some(if f.req.kind == RequestType::Out { ReportOp::Write } else { ReportOp::Read });
+    e.op = Some(if f.req.kind == RequestType::Out {
+        ReportOp::Write
+    } else {
+        ReportOp::Read
+    });
     e.sector = Some(f.req.sector);
     e.length = Some(u64::from(f.req.data_len));
     let rule = if conflicts.iter().any(|c| c.rule == PinRule::LongTerm) {
@@ -1051,7 +1082,10 @@ fn conflict_event(
         Action::Fail => "fail",
     };
     e.action = Some(action.into());
-    let oldest = conflicts.iter().max_by_key(|c| c.by.age).expect("non-empty");
+    let oldest = conflicts
+        .iter()
+        .max_by_key(|c| c.by.age)
+        .expect("non-empty");
     e.pin_direction = Some(oldest.by.direction.name().into());
     e.pin_age_us = Some(oldest.by.age.as_micros() as u64);
     let mut ids: Vec<u64> = conflicts.iter().map(|c| c.by.id).collect();
@@ -1060,7 +1094,11 @@ fn conflict_event(
     e.overlapping = ids;
     let mut ranges: Vec<String> = conflicts
         .iter()
-        .flat_map(|c| c.by.overlap.iter().map(|r| gpa_range(r.addr, u64::from(r.len))))
+        .flat_map(|c| {
+            c.by.overlap
+                .iter()
+                .map(|r| gpa_range(r.addr, u64::from(r.len)))
+        })
         .collect();
     ranges.dedup();
     e.guest_ranges = ranges;

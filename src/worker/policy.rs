@@ -100,9 +100,17 @@ pub enum NoStall {
 
 /// Decides what to do with a request given its conflicts (empty: none).
 /// `is_write` tells a WRITE (VIRTIO_BLK_T_OUT) from a READ.
-pub fn decide(cfg: &PolicyConfig, is_write: bool, conflicts: &[PinConflict]) -> (Action, Option<NoStall>) {
+pub fn decide(
+    cfg: &PolicyConfig,
+    is_write: bool,
+    conflicts: &[PinConflict],
+) -> (Action, Option<NoStall>) {
     if conflicts.is_empty() {
-        let a = if is_write && cfg.bounce_always { Action::Bounce } else { Action::ZeroCopy };
+        let a = if is_write && cfg.bounce_always {
+            Action::Bounce
+        } else {
+            Action::ZeroCopy
+        };
         return (a, None);
     }
     match cfg.policy {

@@ -76,14 +76,14 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends `sig` and waits for exit, returning the exit status.
-    pub fn stop(mut self, sig: i32) -> std::process::ExitStatus {
+    /// Sends `sig` and waits for exit, returning the exit status and the log.
+    pub fn stop(mut self, sig: i32) -> (std::process::ExitStatus, String) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe { libc::kill(self.child.id() as i32, sig) };
         let t = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
+                return (st, self.log_text());
             }
             assert!(
                 t.elapsed() < Duration::from_secs(20),
