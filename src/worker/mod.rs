@@ -1143,3 +1143,6 @@ fn host_iovecs(mem: &GuestMem, ranges: &[GuestRange]) -> Result<Vec<HostIovec>, 
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod policy_tests;

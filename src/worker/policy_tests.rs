@@ -1,0 +1,1 @@
+//! Deterministic tests of every detection rule and policy on mock virtqueues.
