@@ -5,7 +5,17 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::worker::integrity::OnMismatch;
 use crate::worker::policy::{BounceMode, Policy};
+
+/// `--checksum`: whether writes are checksummed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Checksum {
+    /// CRC32C per 4 KiB block (btrfs' default, fio's verify=crc32c).
+    Crc32c,
+    /// No checksums (no torn-write or verification reports).
+    Off,
+}
 
 const SERVE_EXAMPLE: &str = "\
 Example (QEMU guest under TCG, 2 queues):
@@ -39,6 +49,21 @@ pub enum Command {
     /// Serve a disk image as a vhost-user-blk device on a Unix socket.
     #[command(after_help = SERVE_EXAMPLE)]
     Serve(ServeArgs),
+    /// Summarize a report written by `serve --report`: totals by kind and
+    /// action, the worst LBAs, a time line, and what each kind means.
+    Report {
+        /// The JSON Lines report.
+        path: PathBuf,
+    },
+    /// Verify a whole image against its checksum store, offline; exits 1 on any mismatch.
+    Scrub {
+        /// The image.
+        #[arg(long, value_name = "PATH")]
+        image: PathBuf,
+        /// The checksum store (default: IMAGE.pinsum).
+        #[arg(long, value_name = "PATH")]
+        checksum_store: Option<PathBuf>,
+    },
 }
 
 /// Arguments of `pinblk serve`.
@@ -112,6 +137,19 @@ pub struct ServeArgs {
     /// Probability (0 to 1) that a READ gets --inject-read-delay.
     #[arg(long, default_value_t = 1.0, value_parser = parse_probability, value_name = "P")]
     pub inject_read_probability: f64,
+
+    /// Checksum every write: CRC32C per 4 KiB block of the image, verified on every READ.
+    #[arg(long, value_enum, default_value_t = Checksum::Crc32c)]
+    pub checksum: Checksum,
+
+    /// Where the checksums live (default: IMAGE.pinsum beside the image).
+    #[arg(long, value_name = "PATH")]
+    pub checksum_store: Option<PathBuf>,
+
+    /// What a READ of a block that fails verification gets: `report` (data
+    /// returned, event reported) or `eio` (VIRTIO_BLK_S_IOERR, as btrfs and dm-integrity do).
+    #[arg(long, value_enum, default_value_t = OnMismatch::Report)]
+    pub on_mismatch: OnMismatch,
 
     /// Append report events (JSON Lines, schema in README) to this file.
     #[arg(long, value_name = "PATH")]

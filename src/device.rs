@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::integrity::report::ReportWriter;
+use crate::integrity::ChecksumStore;
 use crate::pin::PinTracker;
 use crate::storage::Image;
 use crate::transport::config::DeviceConfig;
+use crate::worker::integrity::OnMismatch;
 use crate::worker::policy::PolicyConfig;
 
 /// Counters of one virtqueue. Each queue has its own, so queues never share a
@@ -72,6 +74,10 @@ pub struct Device {
     pub report: ReportWriter,
     /// Bytes of bounce buffers held now, all queues.
     pub bounce_in_use: AtomicU64,
+    /// Per-block CRC32C of the image (`--checksum crc32c`), or `None` (`off`).
+    pub store: Option<ChecksumStore>,
+    /// What a READ gets when a block fails verification.
+    pub on_mismatch: OnMismatch,
     next_request_id: AtomicU64,
 }
 
@@ -91,6 +97,8 @@ impl Device {
             policy: PolicyConfig::default(),
             report: ReportWriter::open(None).expect("a report without a file cannot fail"),
             bounce_in_use: AtomicU64::new(0),
+            store: None,
+            on_mismatch: OnMismatch::Report,
             next_request_id: AtomicU64::new(1),
         }
     }

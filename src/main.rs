@@ -6,7 +6,11 @@ use std::sync::Arc;
 use clap::{CommandFactory, Parser};
 use pinblk::cli::{Cli, Command, ServeArgs, CAPABILITIES};
 use pinblk::device::Device;
-use pinblk::integrity::report::ReportWriter;
+use std::path::Path;
+
+use pinblk::cli::Checksum;
+use pinblk::integrity::report::{EventKind, ReportEvent, ReportOp, ReportWriter};
+use pinblk::integrity::{default_store_path, ChecksumStore, StoreOptions};
 use pinblk::storage::{Image, ImageOptions};
 use pinblk::transport::config::DeviceConfig;
 use pinblk::worker::policy::{BounceMode, PolicyConfig};
@@ -51,6 +55,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         bounce_pool_bytes: args.bounce_pool,
     };
     dev.report = ReportWriter::open(args.report.as_deref()).map_err(|e| e.to_string())?;
+    dev.on_mismatch = args.on_mismatch;
+    if args.checksum == Checksum::Crc32c && !args.null {
+        dev.store = open_store(&args, &dev)?;
+    }
     log::info!(
         "pin model: policy {}, bounce {:?}, stall timeout {:?}, long-term after {:?}{}",
         args.policy.name(),
@@ -72,11 +80,114 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let dev = Arc::new(dev);
     pinblk::transport::server::serve(dev.clone(), &args.socket, args.max_connections)
         .map_err(|e| e.to_string())?;
-    log::info!(
-        "stopped; counters: {}",
-        serde_json::to_string(&dev.counters()).unwrap_or_default()
-    );
+    log::info!("stopped; counters: {}", dev.counters_json());
+    // Every connection is gone: the device is ours alone again.
+    if let Ok(dev) = Arc::try_unwrap(dev) {
+        if let Some(store) = dev.store {
+            let closed = dev
+                .image
+                .file()
+                .sync_data()
+                .map_err(|e| e.to_string())
+                .and_then(|()| store.close().map_err(|e| e.to_string()));
+            match closed {
+                Ok(()) => log::info!("checksum store closed cleanly"),
+                Err(e) => log::error!(
+                    "checksum store not closed cleanly ({e}); the next start recovers it"
+                ),
+            }
+        }
+    }
     Ok(())
+}
+
+/// Opens the checksum store; after an unclean shutdown, the blocks
+/// re-checksummed from the image are reported as `recovered`.
+fn open_store(args: &ServeArgs, dev: &Device) -> Result<Option<ChecksumStore>, String> {
+    let opts = StoreOptions {
+        store_path: args.checksum_store.clone(),
+        image_size: Some(dev.image.size()),
+        read_only: args.read_only,
+    };
+    let path = opts
+        .store_path
+        .clone()
+        .unwrap_or_else(|| default_store_path(&args.image));
+    if args.read_only && !path.exists() {
+        log::warn!(
+            "read-only device and no checksum store at {}: checksums off",
+            path.display()
+        );
+        return Ok(None);
+    }
+    let (store, outcome) = ChecksumStore::open(&args.image, &opts).map_err(|e| e.to_string())?;
+    if outcome.created {
+        log::info!(
+            "created checksum store {} from the image",
+            store.path().display()
+        );
+    }
+    if outcome.unclean {
+        log::warn!(
+            "checksum store {} was not closed cleanly (crash or kill -9): {} block(s) re-checksummed from the image",
+            store.path().display(),
+            outcome.recovered.len()
+        );
+    }
+    for r in &outcome.recovered {
+        let mut e = ReportEvent::for_block(EventKind::Recovered, r.block, r.stored, r.found);
+        e.op = Some(ReportOp::Other);
+        e.detail = Some(
+            "unclean shutdown: the block may have been in flight; re-checksummed from the image"
+                .into(),
+        );
+        if let Err(err) = dev.report.emit(&e) {
+            log::error!("cannot write report event: {err}");
+        }
+    }
+    Ok(Some(store))
+}
+
+fn report(path: &Path) -> Result<(), String> {
+    let summary = pinblk::integrity::summary::summarize(path).map_err(|e| e.to_string())?;
+    println!("{summary}");
+    Ok(())
+}
+
+/// Offline verification with a progress line; `Ok(false)` on any mismatch.
+fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, String> {
+    let store = store
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| default_store_path(image));
+    let mut last = u64::MAX;
+    let r = pinblk::integrity::scrub(image, &store, |done, total| {
+        let pct = done * 100 / total.max(1);
+        if pct != last {
+            last = pct;
+            eprint!(
+                "\rscrub {}: {pct:3}% ({done}/{total} blocks of 4 KiB)",
+                image.display()
+            );
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    eprintln!();
+    for m in &r.mismatches {
+        println!(
+            "checksum mismatch: block {} (sector {:#x}): expected csum {:#010x}, found {:#010x}",
+            m.block, m.sector, m.expected, m.found
+        );
+    }
+    if !r.store_clean {
+        println!("note: the store was not closed cleanly; `pinblk serve` recovers in-flight blocks at its next start");
+    }
+    println!(
+        "scrub: {} blocks verified, {} mismatch(es), store generation {}",
+        r.blocks,
+        r.mismatches.len(),
+        r.generation
+    );
+    Ok(r.mismatches.is_empty())
 }
 
 fn main() -> ExitCode {
@@ -88,6 +199,15 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Report { path }) => report(&path),
+        Some(Command::Scrub {
+            image,
+            checksum_store,
+        }) => match scrub(&image, checksum_store.as_deref()) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         None => {
             let _ = Cli::command().print_help();
             return ExitCode::from(2);

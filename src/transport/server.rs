@@ -148,10 +148,10 @@ fn spawn_signal_thread(control: Arc<Control>, dev: Arc<Device>, socket: PathBuf)
                 match control.current.lock().unwrap().as_ref() {
                     Some(h) => h.shutdown(),
                     None => {
-                        // Waiting in accept(): no request can be in flight.
-                        log::info!("stopped; counters: {}", dev.counters_json());
-                        let _ = std::fs::remove_file(&socket);
-                        std::process::exit(0);
+                        // Waiting in accept(): wake it with a connection of
+                        // our own, so that the serve loop ends and the normal
+                        // shutdown (checksum store closed cleanly) runs.
+                        let _ = std::os::unix::net::UnixStream::connect(&socket);
                     }
                 }
             }

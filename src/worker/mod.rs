@@ -7,6 +7,7 @@
 //! One [`QueueWorker`] serves one virtqueue and runs only on that queue's
 //! vhost-user worker thread; it shares nothing mutable with other queues.
 
+pub mod integrity;
 pub mod policy;
 
 use std::os::fd::AsRawFd;
@@ -132,6 +133,8 @@ struct InFlight {
     bounce: Option<BounceBuf>,
     state: State,
     delay_ts: Option<Box<types::Timespec>>,
+    /// CRC32C of each 4 KiB chunk of a WRITE's data at submission (R3).
+    submitted_crcs: Vec<u32>,
 }
 
 /// Why a request is refused before any I/O, with the status it gets.
@@ -166,6 +169,8 @@ pub struct QueueWorker {
     timer_ts: Box<types::Timespec>,
     timer_pending: bool,
     rng: fastrand::Rng,
+    /// Reused buffer for copies of guest data being checksummed.
+    scratch: Vec<u8>,
 }
 
 /// Errors creating a worker.
@@ -224,6 +229,7 @@ impl QueueWorker {
             timer_ts: Box::new(types::Timespec::from(RETRY_INTERVAL)),
             timer_pending: false,
             rng: fastrand::Rng::new(),
+            scratch: Vec::new(),
         })
     }
 
@@ -451,6 +457,7 @@ impl QueueWorker {
                     bounce: None,
                     state: State::Running,
                     delay_ts: None,
+                    submitted_crcs: Vec::new(),
                 };
                 let slot = match self.free.pop() {
                     Some(s) => s,
@@ -540,6 +547,7 @@ impl QueueWorker {
         if let Some(pin) = &f.pin {
             dev.pins.mark_submitted(pin);
         }
+        self.integrity_submit(slot);
         self.issue(slot)
     }
 
@@ -988,6 +996,7 @@ impl QueueWorker {
         let mut f = self.slots[slot as usize]
             .take()
             .expect("finished slot is in use");
+        self.integrity_complete(&mut f);
         if let Some(b) = f.bounce.take() {
             if f.req.kind == RequestType::In && f.status == VIRTIO_BLK_S_OK as u8 {
                 if let Err(e) = write_ranges(&*f.mem, &f.req.data, 0, b.bytes()) {

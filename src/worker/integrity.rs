@@ -1,0 +1,262 @@
+//! The data path's side of integrity (DESIGN.md R3, R4): checksums of each
+//! WRITE taken at submission and compared at completion (torn writes), the
+//! store updated as requests complete, READs verified against the store with
+//! a recheck from the image before a failure is reported, FLUSH making the
+//! store durable.
+
+use std::os::unix::fs::FileExt;
+
+use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+
+use super::{emit, InFlight, QueueWorker};
+use crate::integrity::report::{gpa_range, EventKind, Outcome, ReportEvent, ReportOp, Rule};
+use crate::integrity::{crc32c, BLOCK_SIZE};
+use crate::transport::request::{read_ranges, RequestType, SECTOR_SIZE};
+
+/// `--on-mismatch`: what a READ gets when a block fails verification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnMismatch {
+    /// Report the checksum failure; the READ completes with the data.
+    Report,
+    /// Report it and complete the READ with VIRTIO_BLK_S_IOERR (as btrfs and dm-integrity do).
+    Eio,
+}
+
+/// CRC32C of each 4 KiB chunk of `data` (the last chunk may be shorter).
+fn chunk_crcs(data: &[u8]) -> Vec<u32> {
+    data.chunks(BLOCK_SIZE as usize).map(crc32c).collect()
+}
+
+impl QueueWorker {
+    /// The bytes of `f`'s data buffer as they are now: its bounce buffer, or a
+    /// copy of guest memory into the worker's scratch buffer.
+    fn data_now<'a>(scratch: &'a mut Vec<u8>, f: &'a InFlight) -> Option<&'a [u8]> {
+        if let Some(b) = &f.bounce {
+            return Some(b.bytes());
+        }
+        let len = f.req.data_len as usize;
+        if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        match read_ranges(&*f.mem, &f.req.data, 0, &mut scratch[..len]) {
+            Ok(()) => Some(&scratch[..len]),
+            Err(e) => {
+                log::warn!(
+                    "request {}: cannot read guest buffer to checksum it: {e}",
+                    f.id
+                );
+                None
+            }
+        }
+    }
+
+    /// At submission of a WRITE: the CRC32C of every 4 KiB chunk of the bytes submitted.
+    pub(super) fn integrity_submit(&mut self, slot: u32) {
+        if self.dev.store.is_none() {
+            return;
+        }
+        let f = self.slots[slot as usize].as_mut().expect("slot in use");
+        if f.req.kind != RequestType::Out {
+            return;
+        }
+        let crcs = Self::data_now(&mut self.scratch, f).map(chunk_crcs);
+        f.submitted_crcs = crcs.unwrap_or_default();
+    }
+
+    /// At completion, before the used element is pushed.
+    pub(super) fn integrity_complete(&mut self, f: &mut InFlight) {
+        if self.dev.store.is_none() || f.status != VIRTIO_BLK_S_OK as u8 {
+            return;
+        }
+        if f.req.kind == RequestType::Out && f.bounce.is_none() && !f.submitted_crcs.is_empty() {
+            self.check_torn(f);
+        }
+        if f.req.kind == RequestType::In {
+            self.verify_read(f);
+            return;
+        }
+        let dev = self.dev.clone();
+        let store = dev.store.as_ref().expect("checked above");
+        let image = dev.image.file();
+        let read_image = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
+        let offset = f.req.sector * SECTOR_SIZE;
+        let len = u64::from(f.req.data_len);
+        let res = match f.req.kind {
+            RequestType::Out => {
+                let aligned = offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0;
+                if aligned && f.submitted_crcs.len() as u64 == len / BLOCK_SIZE {
+                    // The stored checksum is the submitted one (R3).
+                    let first = offset / BLOCK_SIZE;
+                    f.submitted_crcs
+                        .iter()
+                        .enumerate()
+                        .try_for_each(|(i, &c)| store.set_expected(first + i as u64, c))
+                } else {
+                    // Partial blocks: checksum them as they are on disk now.
+                    store.refresh_with(offset, len, read_image)
+                }
+            }
+            RequestType::Flush => store
+                .flush()
+                .map_err(|e| crate::integrity::IntegrityError::Io {
+                    what: "flush checksum store",
+                    path: store.path().to_path_buf(),
+                    source: e,
+                }),
+            RequestType::Discard | RequestType::WriteZeroes => f
+                .segments
+                .iter()
+                .try_for_each(|s| store.record_zero_with(s.offset, s.len, read_image)),
+            _ => Ok(()),
+        };
+        if let Err(e) = res {
+            log::error!("request {}: checksum store: {e}", f.id);
+            f.status = VIRTIO_BLK_S_IOERR as u8;
+        }
+    }
+
+    /// R3: compares the WRITE's buffer now with what was checksummed at
+    /// submission; each changed 4 KiB chunk is a `torn_write`, with what
+    /// reached the disk read back from the image.
+    fn check_torn(&mut self, f: &InFlight) {
+        let Some(now) = Self::data_now(&mut self.scratch, f) else {
+            return;
+        };
+        let later = chunk_crcs(now);
+        let offset = f.req.sector * SECTOR_SIZE;
+        for (i, (&sub, &lat)) in f.submitted_crcs.iter().zip(&later).enumerate() {
+            if sub == lat {
+                continue;
+            }
+            let chunk_off = offset + i as u64 * BLOCK_SIZE;
+            let chunk_len = (u64::from(f.req.data_len) - i as u64 * BLOCK_SIZE).min(BLOCK_SIZE);
+            let mut disk = vec![0u8; chunk_len as usize];
+            let on_disk = match self.dev.image.file().read_exact_at(&mut disk, chunk_off) {
+                Ok(()) => crc32c(&disk),
+                Err(e) => {
+                    log::warn!("request {}: cannot read back torn block: {e}", f.id);
+                    0
+                }
+            };
+            let outcome = if on_disk == sub {
+                Outcome::SubmittedBytes
+            } else if on_disk == lat {
+                Outcome::LaterBytes
+            } else {
+                Outcome::Neither
+            };
+            let mut e =
+                ReportEvent::for_block(EventKind::TornWrite, chunk_off / BLOCK_SIZE, sub, on_disk);
+            e.sector = Some(chunk_off / SECTOR_SIZE);
+            e.length = Some(chunk_len);
+            self.fill_request(&mut e, f, ReportOp::Write);
+            e.rule = Some(Rule::R3);
+            e.outcome = Some(outcome);
+            e.guest_ranges = guest_ranges_of(f, i as u64 * BLOCK_SIZE, chunk_len);
+            e.detail = Some(format!(
+                "guest changed the buffer under DMA: crc32c {sub:#010x} at submission, {lat:#010x} at completion"
+            ));
+            emit(&self.dev, &e);
+        }
+    }
+
+    /// Verifies a completed READ against the store; a mismatching block is
+    /// re-read from the image into a private buffer (R4) before it is
+    /// reported as a `checksum_failure`.
+    fn verify_read(&mut self, f: &mut InFlight) {
+        let dev = self.dev.clone();
+        let store = dev.store.as_ref().expect("checked by caller");
+        let offset = f.req.sector * SECTOR_SIZE;
+        let mismatches = match Self::data_now(&mut self.scratch, f) {
+            Some(data) => match store.verify(offset, &[data]) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::error!("request {}: verify: {e}", f.id);
+                    return;
+                }
+            },
+            None => return,
+        };
+        for m in mismatches {
+            let blen = store.block_len(m.block);
+            let mut buf = vec![0u8; blen];
+            let recheck = match self
+                .dev
+                .image
+                .file()
+                .read_exact_at(&mut buf, m.block * BLOCK_SIZE)
+            {
+                Ok(()) => crc32c(&buf),
+                Err(e) => {
+                    log::warn!(
+                        "request {}: R4 re-read of block {} failed: {e}",
+                        f.id,
+                        m.block
+                    );
+                    m.found
+                }
+            };
+            if recheck == m.expected {
+                log::debug!(
+                    "request {}: block {} matched on re-read (R4): the guest buffer changed after the DMA",
+                    f.id,
+                    m.block
+                );
+                continue;
+            }
+            let mut e =
+                ReportEvent::for_block(EventKind::ChecksumFailure, m.block, m.expected, recheck);
+            self.fill_request(&mut e, f, ReportOp::Read);
+            e.rule = Some(Rule::R4);
+            e.guest_ranges = guest_ranges_of(
+                f,
+                m.block * BLOCK_SIZE - offset.min(m.block * BLOCK_SIZE),
+                blen as u64,
+            );
+            if self.dev.on_mismatch == OnMismatch::Eio {
+                e.action = Some("eio".into());
+                f.status = VIRTIO_BLK_S_IOERR as u8;
+            } else {
+                e.action = Some("report".into());
+            }
+            emit(&self.dev, &e);
+        }
+    }
+
+    fn fill_request(&self, e: &mut ReportEvent, f: &InFlight, op: ReportOp) {
+        e.request_id = Some(f.id);
+        e.queue = Some(self.index);
+        e.op = Some(op);
+        e.policy = Some(self.dev.policy.policy.name().into());
+        if e.action.is_none() {
+            e.action = Some(
+                if f.bounce.is_some() {
+                    "bounce"
+                } else {
+                    "zero_copy"
+                }
+                .into(),
+            );
+        }
+    }
+}
+
+/// The guest-physical ranges of bytes `start..start+len` of `f`'s data buffer.
+fn guest_ranges_of(f: &InFlight, mut start: u64, mut len: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in &f.req.data {
+        let rlen = u64::from(r.len);
+        if start >= rlen {
+            start -= rlen;
+            continue;
+        }
+        let n = (rlen - start).min(len);
+        out.push(gpa_range(r.addr + start, n));
+        len -= n;
+        start = 0;
+        if len == 0 {
+            break;
+        }
+    }
+    out
+}
