@@ -83,7 +83,7 @@ impl QueueWorker {
         let len = u64::from(f.req.data_len);
         let res = match f.req.kind {
             RequestType::Out => {
-                let aligned = offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0;
+                let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
                 if aligned && f.submitted_crcs.len() as u64 == len / BLOCK_SIZE {
                     // The stored checksum is the submitted one (R3).
                     let first = offset / BLOCK_SIZE;
