@@ -74,7 +74,7 @@ pub fn serve(
     std::fs::rename(&tmp, socket).map_err(listen_err)?;
 
     let control = Arc::new(Control::default());
-    spawn_signal_thread(control.clone(), dev.clone(), socket.to_path_buf());
+    spawn_signal_thread(control.clone(), Arc::downgrade(&dev), socket.to_path_buf());
 
     let mut served = 0u64;
     while !control.stopping.load(Ordering::Acquire) {
@@ -126,7 +126,7 @@ pub fn serve(
     Ok(())
 }
 
-fn spawn_signal_thread(control: Arc<Control>, dev: Arc<Device>, socket: PathBuf) {
+fn spawn_signal_thread(control: Arc<Control>, dev: std::sync::Weak<Device>, socket: PathBuf) {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1]) {
         Ok(s) => s,
@@ -140,7 +140,9 @@ fn spawn_signal_thread(control: Arc<Control>, dev: Arc<Device>, socket: PathBuf)
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGUSR1 {
-                    log::info!("counters: {}", dev.counters_json());
+                    if let Some(dev) = dev.upgrade() {
+                        log::info!("counters: {}", dev.counters_json());
+                    }
                     continue;
                 }
                 log::info!("signal {sig}: stopping after in-flight requests complete");
