@@ -235,9 +235,9 @@ fn longterm_promotion_by_age() {
     let read = t.pin(0, 1, Direction::DeviceWrite, &buf);
     let w = t.pin(1, 2, Direction::DeviceRead, &buf);
     let c = t.check_write(&w, &buf);
-    if t0.elapsed() < AFTER {
-        // (Skipped if this thread was descheduled for 20 ms: the other tests
-        // run in parallel.)
+    if t0.elapsed() + Duration::from_millis(5) < AFTER {
+        // (Skipped if this thread was descheduled for ~15 ms: the other tests
+        // run in parallel. Ages have the 4 ms resolution of the coarse clock.)
         assert_eq!(ids(&c), vec![(0, 1, Rule::R1)]);
         assert!(!c[0].by.long_term);
         assert_eq!(t.counters().longterm_pins, 0);
@@ -700,7 +700,7 @@ fn bench_pin_check_unpin() {
     let one_page = [r(0x1000, 0x1000)];
     let big = [r(0x2_0000, 0x2_0000)];
     let big_sg: Vec<_> = (0..32).map(|i| r(0x2_0000 + i * 0x1000, 0x1000)).collect();
-    for threads in [1, 4] {
+    for threads in [1, 2] {
         run("4 KiB (1 page, 1 range)", &one_page, threads);
         run("128 KiB (32 pages, 1 range)", &big, threads);
         run("128 KiB (32 pages, 32 ranges)", &big_sg, threads);

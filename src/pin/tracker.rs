@@ -34,7 +34,8 @@ struct Slot {
     ranges: Vec<GuestRange>,
     /// Guest pages counted for this pin (once per range touching a page).
     pages: u64,
-    start: Instant,
+    /// Pin time, [`coarse_now_ns`].
+    start_ns: u64,
     /// Registered with [`PinTracker::pin_longterm`] (FOLL_LONGTERM).
     registered_longterm: bool,
     /// Already counted in the long-term counters.
@@ -48,7 +49,7 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(now: Instant) -> Self {
+    fn new() -> Self {
         Slot {
             gen: 0,
             live: false,
@@ -56,7 +57,7 @@ impl Slot {
             dir: Direction::DeviceWrite,
             ranges: Vec::new(),
             pages: 0,
-            start: now,
+            start_ns: 0,
             registered_longterm: false,
             counted_longterm: false,
             submitted: false,
@@ -195,7 +196,8 @@ pub struct PinnedBy {
     pub id: u64,
     /// DMA direction of the pin.
     pub direction: Direction,
-    /// Time since the pin was taken (serialized as `age_us`, microseconds).
+    /// Time since the pin was taken, at the resolution of the kernel tick
+    /// (1-4 ms, `CLOCK_MONOTONIC_COARSE`). Serialized as `age_us`, microseconds.
     #[serde(rename = "age_us", serialize_with = "ser_micros")]
     pub age: Duration,
     /// Long-term at query time: older than `longterm_after`, or registered
@@ -302,6 +304,21 @@ pub struct PinTracker {
     blocking_cv: Condvar,
 }
 
+/// Monotonic time in ns from `CLOCK_MONOTONIC_COARSE`: a vDSO read of the
+/// kernel's tick-resolution clock (1-4 ms), about 5-10 ns where
+/// `Instant::now()` costs 20-60 ns. Pin ages need milliseconds, and this is
+/// read twice per request.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE
+    // exists on every Linux since 2.6.32, and the call cannot fail then.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -397,6 +414,11 @@ impl PinTracker {
         self.longterm_after
     }
 
+    /// Is a pin taken at `start_ns` older than `longterm_after` at `now_ns`?
+    fn is_old(&self, now_ns: u64, start_ns: u64) -> bool {
+        Duration::from_nanos(now_ns.saturating_sub(start_ns)) >= self.longterm_after
+    }
+
     fn registry(&self, queue: u16) -> MutexGuard<'_, Registry> {
         lock(&self.queues[usize::from(queue)].0)
     }
@@ -435,7 +457,7 @@ impl PinTracker {
         ranges: &[GuestRange],
         registered_longterm: bool,
     ) -> PinHandle {
-        let now = Instant::now();
+        let now = coarse_now_ns();
         let pages = pages::page_touches(ranges);
         // Register first, raise the page counts second: whoever sees a raised
         // count (Acquire) and then scans this registry finds the entry.
@@ -444,7 +466,7 @@ impl PinTracker {
             let idx = match reg.free.pop() {
                 Some(i) => i,
                 None => {
-                    reg.slots.push(Slot::new(now));
+                    reg.slots.push(Slot::new());
                     (reg.slots.len() - 1) as u32
                 }
             };
@@ -455,7 +477,7 @@ impl PinTracker {
             s.ranges.clear();
             s.ranges.extend_from_slice(ranges);
             s.pages = pages;
-            s.start = now;
+            s.start_ns = now;
             s.registered_longterm = registered_longterm;
             s.counted_longterm = registered_longterm;
             s.submitted = false;
@@ -495,7 +517,7 @@ impl PinTracker {
     /// if any (see [`PinTracker::watch`]).
     pub fn unpin(&self, handle: PinHandle) {
         let h = ManuallyDrop::new(handle);
-        let now = Instant::now();
+        let now = coarse_now_ns();
         let (freed, watchers, blocking) = {
             let mut reg = self.registry(h.queue);
             let reg = &mut *reg;
@@ -509,8 +531,7 @@ impl PinTracker {
             }
             // Lower the counts while the entry is still registered.
             let freed = self.pages.sub(&s.ranges, pages::one(s.dir));
-            if !s.counted_longterm && now.saturating_duration_since(s.start) >= self.longterm_after
-            {
+            if !s.counted_longterm && self.is_old(now, s.start_ns) {
                 reg.longterm_pins += 1;
                 reg.longterm_pages += s.pages;
             }
@@ -716,7 +737,7 @@ impl PinTracker {
         ranges: &[GuestRange],
         mut pick: impl FnMut(Direction, bool) -> Option<T>,
     ) -> Vec<(T, PinnedBy)> {
-        let now = Instant::now();
+        let now = coarse_now_ns();
         let mut out = Vec::new();
         for (q, cell) in self.queues.iter().enumerate() {
             let q = q as u16;
@@ -726,7 +747,7 @@ impl PinTracker {
                 if !s.live || me == Some((q, i as u32)) || exclude == Some((q, s.id)) {
                     continue;
                 }
-                let age = now.saturating_duration_since(s.start);
+                let age = Duration::from_nanos(now.saturating_sub(s.start_ns));
                 let long_term = s.registered_longterm || age >= self.longterm_after;
                 if long_term && !s.counted_longterm {
                     s.counted_longterm = true;

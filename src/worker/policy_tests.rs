@@ -264,7 +264,12 @@ impl Rig {
         assert_eq!(c.pins_acquired, c.pins_released, "pin counters {c:?}");
         assert_eq!(c.pinned_pages, 0, "pin counters {c:?}");
         assert_eq!(c.inflight_pins, 0, "pin counters {c:?}");
-        assert_eq!(self.dev.bounce_in_use.load(Ordering::Relaxed), 0);
+        assert_eq!(self.bounce_in_use(), 0);
+    }
+
+    /// Bytes of bounce buffers held now.
+    fn bounce_in_use(&self) -> u64 {
+        self.dev.bounce_in_use.load(Ordering::Relaxed)
     }
 }
 
@@ -447,6 +452,7 @@ fn r1_passthrough_reports_and_writes_zero_copy() {
     let rd = start_held_read(&mut rig, &mut d0);
     let wr = d1.write(DST, B);
     rig.kick(1);
+    assert_eq!(rig.bounce_in_use(), 0, "copied");
     rig.drain(1);
     d1.expect(&wr, OK, 1);
     d0.expect_pending(&rd);
@@ -469,6 +475,8 @@ fn r1_bounce_writes_a_private_copy() {
     let rd = start_held_read(&mut rig, &mut d0);
     let wr = d1.write(DST, B);
     rig.kick(1);
+    // A bounce buffer is held until the WRITE completes.
+    assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     // The copy was taken when the WRITE was admitted: a later change of B
     // (the guest, or more DMA) does not reach the disk.
     fill(&gm, B, &[0x77; LEN as usize]);
@@ -522,8 +530,14 @@ fn r1_stall_waits_for_the_read() {
         .pinned_by(&[b_range()], Some(Direction::DeviceRead), None);
     assert_eq!(w.len(), 1, "{w:?}");
     assert_eq!((w[0].queue, w[0].id, w[0].submitted), (1, 2, false));
-    // The READ completes (its unpin wakes queue 1), then the WRITE goes.
+    // The READ completes (its unpin wakes queue 1, which watches it), then
+    // the WRITE goes.
+    let gen = rig.dev.pins.release_generation();
     rig.drain(0);
+    assert!(
+        rig.dev.pins.release_generation() > gen,
+        "watched pin released"
+    );
     d0.expect(&rd, OK, LEN + 1);
     d1.expect_pending(&wr);
     rig.poke_until(1, "stalled WRITE completing", || d1.done(&wr));
@@ -578,6 +592,7 @@ fn long_term_pin_is_never_waited_on() {
     let wr = d1.write(DST, B);
     rig.kick(1);
     // Bounced at once (no stall): done while the READ is still held.
+    assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     fill(&gm, B, &[0x77; LEN as usize]);
     rig.poke_until(1, "WRITE next to a long-term pin", || d1.done(&wr));
     d1.expect(&wr, OK, 1);
@@ -658,7 +673,7 @@ fn r2_bounce_lands_in_a_private_buffer() {
     let h = simulated_write(&rig);
     let rd = d1.read(SRC, B);
     rig.kick(1);
-    assert_eq!(rig.dev.bounce_in_use.load(Ordering::Relaxed), u64::from(LEN));
+    assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     // The READ's I/O is done long before its held completion, yet the
     // simulated WRITE's source B is untouched: the data is in a private buffer.
     rig.poke_for(1, Duration::from_millis(50), || {
@@ -732,6 +747,7 @@ fn stall_never_waits_on_an_unsubmitted_pin() {
         .pin(0, 999, Direction::DeviceWrite, &[b_range()]);
     let wr = d1.write(DST, B);
     rig.kick(1);
+    assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     fill(&gm, B, &[0x77; LEN as usize]);
     rig.poke_until(1, "WRITE next to a waiting READ", || d1.done(&wr));
     d1.expect(&wr, OK, 1);
@@ -780,7 +796,10 @@ fn stalled_request_is_never_waited_on() {
     assert_eq!(e["queue"], 0, "{e}");
     assert_eq!(e["action"], "bounce", "{e}");
     assert_eq!(e["overlapping"], serde_json::json!([2]), "{e}");
-    assert!(e["detail"].as_str().unwrap().contains("itself waiting"), "{e}");
+    assert!(
+        e["detail"].as_str().unwrap().contains("itself waiting"),
+        "{e}"
+    );
 
     rig.drain(0);
     d0.expect(&rd1, OK, LEN + 1);
@@ -815,10 +834,7 @@ fn bounce_always_copies_every_write() {
     let wb = d1.write(DST2, W1);
     rig.kick(0);
     rig.kick(1);
-    assert_eq!(
-        rig.dev.bounce_in_use.load(Ordering::Relaxed),
-        2 * u64::from(LEN)
-    );
+    assert_eq!(rig.bounce_in_use(), 2 * u64::from(LEN));
     // Both were copied at admission: scribbling now changes nothing on disk.
     fill(&gm, W0, &[0x77; LEN as usize]);
     fill(&gm, W1, &[0x77; LEN as usize]);
@@ -848,16 +864,16 @@ fn bounce_pool_exhausted_waits_for_memory() {
     let wa = d0.write(DST, W0);
     rig.kick(0);
     // An empty pool serves one request, however large.
-    assert_eq!(rig.dev.bounce_in_use.load(Ordering::Relaxed), u64::from(LEN));
+    assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     fill(&gm, W0, &[0x77; LEN as usize]);
     let wb = d1.write(DST2, W1);
     rig.kick(1);
     // The second waits for memory while the first holds the pool.
     rig.poke_for(1, Duration::from_millis(20), || d1.expect_pending(&wb));
-    assert_eq!(rig.dev.bounce_in_use.load(Ordering::Relaxed), u64::from(LEN));
+    assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     rig.poke_until(0, "first bounced WRITE", || d0.done(&wa));
     d0.expect(&wa, OK, 1);
-    assert_eq!(rig.dev.bounce_in_use.load(Ordering::Relaxed), 0);
+    assert_eq!(rig.bounce_in_use(), 0);
     rig.poke_until(1, "second bounced WRITE", || d1.done(&wb));
     d1.expect(&wb, OK, 1);
     assert_eq!(rig.image_at(DST), a);
