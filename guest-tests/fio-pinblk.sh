@@ -16,7 +16,8 @@
 #   --verbose       stream the guest console
 #   --pinblk-arg A  extra argument for pinblk serve (repeatable)
 #
-# Exit status 0 only if every fio pass in every guest reported no error and
+# Exit status 0 only if every fio pass in every guest reported no error, pinblk
+# reported no event (fio never changes a buffer under I/O), and
 # pinblk stopped cleanly.
 set -euo pipefail
 
@@ -72,7 +73,7 @@ for nq in $QUEUES; do
 	sock=$dir/pinblk.sock
 	say "=== pinblk with $nq queue(s): $PINBLK serve --image $dir/disk.img --size 256M --num-queues $nq ${PINBLK_ARGS[*]:-}"
 	RUST_LOG=${RUST_LOG:-info} "$PINBLK" serve --socket "$sock" --image "$dir/disk.img" --size 256M \
-		--num-queues "$nq" "${PINBLK_ARGS[@]}" 2>"$dir/pinblk.log" &
+		--num-queues "$nq" --report "$dir/report.jsonl" "${PINBLK_ARGS[@]}" 2>"$dir/pinblk.log" &
 	PID=$!
 	for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
 	[[ -S $sock ]] || { cat "$dir/pinblk.log" >&2; say "pinblk did not start"; exit 1; }
@@ -85,12 +86,17 @@ for nq in $QUEUES; do
 	stop_pinblk || src=$?
 	counters=$(grep -o 'stopped; counters: .*' "$dir/pinblk.log" | tail -1 || true)
 	say "pinblk: ${counters:-no final counters (exit $src)}"
-	if [[ $rc -ne 0 || $src -ne 0 ]]; then
+	# fio never touches a buffer in flight: any report event is a pinblk bug.
+	nevents=$(grep -c . "$dir/report.jsonl" 2>/dev/null || true)
+	if [[ ${nevents:-0} -ne 0 ]]; then
+		say "unexpected report events from a fio workload:"; "$PINBLK" report "$dir/report.jsonl" >&2 || true
+	fi
+	if [[ $rc -ne 0 || $src -ne 0 || ${nevents:-0} -ne 0 ]]; then
 		failed=1
-		summary+=("queues=$nq FAIL (fio rc=$rc, pinblk exit $src, $((t1 - t0)) s) logs in $dir")
+		summary+=("queues=$nq FAIL (fio rc=$rc, pinblk exit $src, ${nevents:-0} report events, $((t1 - t0)) s) logs in $dir")
 		say "--- last lines of pinblk log ---"; tail -20 "$dir/pinblk.log" >&2
 	else
-		summary+=("queues=$nq PASS ($((t1 - t0)) s)")
+		summary+=("queues=$nq PASS ($((t1 - t0)) s, 0 report events)")
 		grep -E 'PINBLK-GUEST-RESULT|IOPS=|err=' "$dir/console.log" | sed 's/^/  guest: /' >&2 || true
 	fi
 done
