@@ -1086,12 +1086,13 @@ impl ChecksumStore {
         }
         let end = offset + len;
         let mut g = Gather::new(data);
-        let mut buf = [0u8; BLOCK_SIZE as usize];
         for block in offset / BLOCK_SIZE..=(end - 1) / BLOCK_SIZE {
             let (s, e, blen) = self.covered(block, offset, end);
             let found = if s == 0 && e == blen {
                 g.crc_next(blen)
             } else if let Some(read) = read_rest.as_mut() {
+                // Only partial edge blocks need a buffer (no 4 KiB memset per READ).
+                let mut buf = [0u8; BLOCK_SIZE as usize];
                 read(block * BLOCK_SIZE, &mut buf[..blen]).map_err(IntegrityError::io(
                     "read rest of partial block from image",
                     &self.path,
