@@ -8,6 +8,15 @@ use clap::{Args, Parser, Subcommand};
 use crate::worker::integrity::OnMismatch;
 use crate::worker::policy::{BounceMode, Policy};
 
+/// A switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
 /// `--checksum`: whether writes are checksummed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Checksum {
@@ -137,6 +146,12 @@ pub struct ServeArgs {
     /// Probability (0 to 1) that a READ gets --inject-read-delay.
     #[arg(long, default_value_t = 1.0, value_parser = parse_probability, value_name = "P")]
     pub inject_read_probability: f64,
+
+    /// Pin tracking and conflict detection. `off` disables the pin model
+    /// entirely (no pins, no conflicts, no policy): only for measuring what
+    /// the tracker costs.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub pin_tracking: OnOff,
 
     /// Checksum every write: CRC32C per 4 KiB block of the image, verified on every READ.
     #[arg(long, value_enum, default_value_t = Checksum::Crc32c)]

@@ -68,6 +68,8 @@ pub struct Device {
     pub null: bool,
     /// Pins of every in-flight READ and WRITE, all queues.
     pub pins: PinTracker,
+    /// Whether READ and WRITE are pinned and checked (`--pin-tracking`).
+    pub pin_tracking: bool,
     /// What to do about conflicts.
     pub policy: PolicyConfig,
     /// Where events go (log, counters and the `--report` file).
@@ -94,6 +96,7 @@ impl Device {
             queue_counters,
             null: false,
             pins: PinTracker::new(num_queues, std::time::Duration::from_secs(1)),
+            pin_tracking: true,
             policy: PolicyConfig::default(),
             report: ReportWriter::open(None).expect("a report without a file cannot fail"),
             bounce_in_use: AtomicU64::new(0),

@@ -8,7 +8,7 @@ use pinblk::cli::{Cli, Command, ServeArgs, CAPABILITIES};
 use pinblk::device::Device;
 use std::path::Path;
 
-use pinblk::cli::Checksum;
+use pinblk::cli::{Checksum, OnOff};
 use pinblk::integrity::report::{EventKind, ReportEvent, ReportOp, ReportWriter};
 use pinblk::integrity::{default_store_path, ChecksumStore, StoreOptions};
 use pinblk::storage::{Image, ImageOptions};
@@ -56,6 +56,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     };
     dev.report = ReportWriter::open(args.report.as_deref()).map_err(|e| e.to_string())?;
     dev.on_mismatch = args.on_mismatch;
+    dev.pin_tracking = args.pin_tracking == OnOff::On;
+    if !dev.pin_tracking {
+        log::warn!("--pin-tracking off: no pins, no conflict detection, no policy");
+    }
     if args.checksum == Checksum::Crc32c && !args.null {
         dev.store = open_store(&args, &dev)?;
     }

@@ -489,6 +489,10 @@ impl QueueWorker {
             RequestType::In => false,
             _ => return self.issue(slot),
         };
+        if !dev.pin_tracking {
+            let bounce = is_write && dev.policy.bounce_always;
+            return self.go(slot, bounce, false);
+        }
         let dir = if is_write {
             Direction::DeviceRead
         } else {
