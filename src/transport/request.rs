@@ -360,48 +360,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::bindings::virtio_ring::{
-        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    use crate::worker::test_util::{
+        guest_mmap as mem, indirect_table, outhdr, r, raw, w, D, MEM_SIZE,
     };
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use crate::worker::GuestMem as Mem;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestMemoryMmap;
 
-    type Mem = GuestMemoryMmap<()>;
-
-    const MEM_SIZE: u64 = 0x100_0000;
     const HDR: u64 = 0x1_0000;
     const DATA: u64 = 0x2_0000;
     const STATUS: u64 = 0x3_0000;
     const TABLE: u64 = 0x4_0000;
 
-    fn mem() -> Mem {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
-    }
-
-    /// A descriptor as the driver sees it: (address, length, device-writable).
-    type D = (u64, u32, bool);
-
-    fn r(addr: u64, len: u32) -> D {
-        (addr, len, false)
-    }
-
-    fn w(addr: u64, len: u32) -> D {
-        (addr, len, true)
-    }
-
-    fn raw(d: D, flags: u32, next: u16) -> RawDescriptor {
-        let f = if d.2 { VRING_DESC_F_WRITE } else { 0 } | flags;
-        RawDescriptor::from(SplitDescriptor::new(d.0, d.1, f as u16, next))
-    }
-
     /// Writes a `virtio_blk_outhdr` at `addr`.
     fn hdr(mem: &Mem, addr: u64, kind: u32, sector: u64) {
-        let mut h = [0u8; OUTHDR_LEN];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        mem.write_slice(&h, GuestAddress(addr)).unwrap();
+        mem.write_slice(&outhdr(kind, sector), GuestAddress(addr))
+            .unwrap();
     }
 
     /// Parses the chain made of `descs` (direct descriptors, head at index 0).
@@ -416,22 +390,8 @@ mod tests {
     /// Parses a chain whose only direct descriptor points at an indirect table
     /// (at `TABLE`) holding `descs`.
     fn parse_indirect(mem: &Mem, descs: &[D]) -> Result<Request, BadRequest> {
-        for (i, &d) in descs.iter().enumerate() {
-            let (flags, next) = if i + 1 < descs.len() {
-                (VRING_DESC_F_NEXT, i as u16 + 1)
-            } else {
-                (0, 0)
-            };
-            mem.write_obj(raw(d, flags, next), GuestAddress(TABLE + 16 * i as u64))
-                .unwrap();
-        }
+        let table = indirect_table(mem, TABLE, descs);
         let q = MockSplitQueue::new(mem, 16);
-        let table = RawDescriptor::from(SplitDescriptor::new(
-            TABLE,
-            16 * descs.len() as u32,
-            VRING_DESC_F_INDIRECT as u16,
-            0,
-        ));
         parse_chain(q.build_desc_chain(&[table]).unwrap())
     }
 
@@ -499,9 +459,7 @@ mod tests {
         // Header bytes 0..5 at one address, 5..16 at another; READ data and
         // status in a single writable descriptor.
         let m = mem();
-        let mut h = [0u8; OUTHDR_LEN];
-        h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
-        h[8..16].copy_from_slice(&0x1234_5678_9abc_u64.to_le_bytes());
+        let h = outhdr(VIRTIO_BLK_T_IN, 0x1234_5678_9abc);
         m.write_slice(&h[..5], GuestAddress(HDR)).unwrap();
         m.write_slice(&h[5..], GuestAddress(HDR + 0x100)).unwrap();
         let req = parse(&m, &[r(HDR, 5), r(HDR + 0x100, 11), w(DATA, 1024 + 1)]).unwrap();
@@ -517,9 +475,7 @@ mod tests {
         // WRITE: header split in the middle of the sector field, the second
         // descriptor also carries the first data bytes.
         let m = mem();
-        let mut h = [0u8; OUTHDR_LEN];
-        h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
-        h[8..16].copy_from_slice(&99u64.to_le_bytes());
+        let h = outhdr(VIRTIO_BLK_T_OUT, 99);
         m.write_slice(&h[..12], GuestAddress(HDR)).unwrap();
         m.write_slice(&h[12..], GuestAddress(DATA)).unwrap();
         let req = parse(

@@ -1159,3 +1159,6 @@ mod tests;
 
 #[cfg(test)]
 mod policy_tests;
+
+#[cfg(test)]
+pub(crate) mod test_util;

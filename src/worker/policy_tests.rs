@@ -14,41 +14,31 @@
 //! report, the used rings, the status bytes, the image and the guest buffers,
 //! and at the end that no pin is left (acquired == released, no pinned page).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vhost_user_backend::VringT;
-use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
-};
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
 use super::policy::{Policy, PolicyConfig};
-use super::{GuestMem, GuestMemAtomic, QueueWorker, Vring};
+use super::test_util::{
+    device, fill, guest_memory, image_bytes, image_file, pattern, peek, report_lines, vring,
+    Driver, Io, IMAGE_SIZE, IOERR, OK,
+};
+use super::{GuestMem, QueueWorker, Vring};
 use crate::device::Device;
 use crate::integrity::report::ReportWriter;
-use crate::pin::{Direction, PinTracker};
-use crate::storage::{Image, ImageOptions};
-use crate::transport::config::DeviceConfig;
+use crate::pin::{Direction, PinHandle, PinTracker};
 use crate::transport::request::GuestRange;
 
-/// Guest memory size: 16 MiB at guest-physical 0.
-const MEM_SIZE: u64 = 0x100_0000;
-const QSIZE: u16 = 256;
-/// Image size: 1 MiB = 2048 sectors.
-const IMAGE_SIZE: u64 = 1 << 20;
 /// Where each queue's descriptor table and rings are.
 const RINGS: [u64; 2] = [0x0, 0x1_0000];
 /// Where each queue's headers and status bytes are allocated.
 const HDR_AREA: [u64; 2] = [0x10_0000, 0x18_0000];
+/// Size of each `HDR_AREA`.
+const HDR_AREA_LEN: u64 = 0x8_0000;
 /// The shared data buffer B: 8 KiB, not page-aligned, so it touches 3 guest pages.
 const B: u64 = 0x40_0200;
 const LEN: u32 = 8192;
@@ -61,10 +51,6 @@ const SRC2: u64 = 256;
 const DST: u64 = 512;
 const DST2: u64 = 1024;
 
-const OK: u8 = VIRTIO_BLK_S_OK as u8;
-const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-/// What the driver puts in the status byte before submitting.
-const UNSET: u8 = 0xa5;
 /// What the driver puts in B before a test.
 const FILL: u8 = 0xee;
 
@@ -72,26 +58,12 @@ const FILL: u8 = 0xee;
 const HOLD: Duration = Duration::from_millis(300);
 /// Upper bound on anything that is expected to happen soon.
 const SOON: Duration = Duration::from_secs(5);
-
-/// The initial image contents: every byte depends on its offset.
-fn image_byte(off: u64) -> u8 {
-    ((off / 512) as u8) ^ ((off % 251) as u8)
-}
-
-fn image_bytes(off: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| image_byte(off + i)).collect()
-}
+/// `longterm_after` of the tests in which no pin becomes long-term.
+const NOT_LONG: Duration = Duration::from_secs(60);
 
 /// What a READ of `LEN` bytes at `sector` returns (the image is never written there).
 fn sector_data(sector: u64) -> Vec<u8> {
     image_bytes(sector * 512, LEN as usize)
-}
-
-/// Data for a WRITE, different from the image contents and from `FILL`.
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed) | 1)
-        .collect()
 }
 
 fn b_range() -> GuestRange {
@@ -135,43 +107,21 @@ struct Rig {
 
 impl Rig {
     /// A two-queue device with `policy` and pins long-term after `longterm_after`,
-    /// and (a handle on) its guest memory, for `Driver::new`.
+    /// and (a handle on) its guest memory, for `Rig::drivers`.
     fn new(policy: PolicyConfig, longterm_after: Duration) -> (Rig, Arc<GuestMem>) {
         let dir = tempfile::tempdir().unwrap();
-        let image_path = dir.path().join("disk.img");
+        let (image_path, image) = image_file(dir.path(), false);
         let report_path = dir.path().join("report.jsonl");
-        std::fs::write(&image_path, image_bytes(0, IMAGE_SIZE as usize)).unwrap();
-        let image = Image::open(
-            &image_path,
-            &ImageOptions {
-                logical_block_size: 512,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let mut dev = Device::new(
-            DeviceConfig {
-                capacity_sectors: IMAGE_SIZE / 512,
-                logical_block_size: 512,
-                num_queues: 2,
-                queue_size: QSIZE,
-                read_only: false,
-                serial: "pinblk-policy-test".into(),
-            },
-            image,
-        );
+        let mut dev = device(image, 2, false, "pinblk-policy-test");
         dev.policy = policy;
         dev.pins = PinTracker::new(2, longterm_after);
         dev.report = ReportWriter::open(Some(&report_path)).unwrap();
         let dev = Arc::new(dev);
-        let gm =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-        let mem: GuestMemAtomic = GuestMemoryAtomic::new(gm);
-        let gm = mem.memory().into_inner();
+        let (mem, gm) = guest_memory();
         let mut vrings = Vec::new();
         let mut workers = Vec::new();
         for q in 0..2 {
-            vrings.push(Vring::new(mem.clone(), QSIZE).unwrap());
+            vrings.push(vring(&mem));
             workers.push(QueueWorker::new(dev.clone(), mem.clone(), q).unwrap());
         }
         let rig = Rig {
@@ -184,6 +134,17 @@ impl Rig {
             _dir: dir,
         };
         (rig, gm)
+    }
+
+    /// The drivers of queues 0 and 1 (`gm` is the rig's guest memory). Data
+    /// buffers are placed by the test.
+    fn drivers<'a>(&self, gm: &'a GuestMem) -> (Driver<'a>, Driver<'a>) {
+        assert!(std::ptr::eq(gm, &*self.gm));
+        let driver = |q: usize| {
+            let bufs = HDR_AREA[q]..HDR_AREA[q] + HDR_AREA_LEN;
+            Driver::new(gm, &self.vrings[q], RINGS[q], bufs)
+        };
+        (driver(0), driver(1))
     }
 
     /// A kick of queue `q`: pops and starts everything available.
@@ -236,12 +197,7 @@ impl Rig {
 
     /// Every `conflict` event of the report file, in order.
     fn conflicts(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(&self.report_path).unwrap_or_default();
-        let all: Vec<Value> = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).expect("report line is JSON"))
-            .collect();
+        let all = report_lines(&self.report_path);
         for e in &all {
             assert_eq!(e["kind"], "conflict", "unexpected event {e}");
         }
@@ -273,129 +229,16 @@ impl Rig {
     }
 }
 
-/// A request as the driver submitted it.
-#[derive(Clone, Copy, Debug)]
-struct Io {
-    head: u16,
-    status: u64,
-}
-
-fn desc(addr: u64, len: u32, writable: bool, next: Option<u16>) -> RawDescriptor {
-    let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
-    if next.is_some() {
-        flags |= VRING_DESC_F_NEXT;
-    }
-    RawDescriptor::from(SplitDescriptor::new(
-        addr,
-        len,
-        flags as u16,
-        next.unwrap_or(0),
-    ))
-}
-
-/// The driver side of one queue: a MockSplitQueue plus a bump allocator for
-/// headers and status bytes. Data buffers are placed by the test.
-struct Driver<'a> {
-    mem: &'a GuestMem,
-    q: MockSplitQueue<'a, GuestMem>,
-    next_desc: u16,
-    next_buf: u64,
-}
-
-impl<'a> Driver<'a> {
-    /// The driver of queue `queue` of `rig` (`gm` is the rig's guest memory).
-    fn new(gm: &'a GuestMem, rig: &Rig, queue: usize) -> Driver<'a> {
-        assert!(std::ptr::eq(gm, &*rig.gm));
-        let q = MockSplitQueue::create(gm, GuestAddress(RINGS[queue]), QSIZE);
-        let vring = &rig.vrings[queue];
-        vring
-            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
-            .unwrap();
-        vring.set_queue_size(QSIZE);
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        Driver {
-            mem: gm,
-            q,
-            next_desc: 0,
-            next_buf: HDR_AREA[queue],
-        }
+/// Request builders of these tests: `LEN` bytes of data at a buffer the test
+/// placed, in three descriptors.
+impl Driver<'_> {
+    fn read_into(&mut self, sector: u64, data: u64) -> Io {
+        self.request_with(VIRTIO_BLK_T_IN, sector, data, &[(data, LEN, true)])
     }
 
-    fn buf(&mut self, bytes: &[u8]) -> u64 {
-        let a = self.next_buf;
-        self.next_buf = (a + bytes.len() as u64 + 0x3f) & !0x3f;
-        self.mem.write_slice(bytes, GuestAddress(a)).unwrap();
-        a
+    fn write_from(&mut self, sector: u64, data: u64) -> Io {
+        self.request_with(VIRTIO_BLK_T_OUT, sector, data, &[(data, LEN, false)])
     }
-
-    /// A request of `kind` at `sector` with data `len` bytes at `data`
-    /// (device-writable for a READ), in three descriptors.
-    fn request(&mut self, kind: u32, sector: u64, data: u64, len: u32) -> Io {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        let h = self.buf(&h);
-        let s = self.buf(&[UNSET]);
-        let head = self.next_desc;
-        assert!(usize::from(head) + 3 <= usize::from(QSIZE));
-        let descs = [
-            desc(h, 16, false, Some(head + 1)),
-            desc(data, len, kind == VIRTIO_BLK_T_IN, Some(head + 2)),
-            desc(s, 1, true, None),
-        ];
-        self.q.add_desc_chains(&descs, head).unwrap();
-        self.next_desc += 3;
-        Io { head, status: s }
-    }
-
-    fn read(&mut self, sector: u64, data: u64) -> Io {
-        self.request(VIRTIO_BLK_T_IN, sector, data, LEN)
-    }
-
-    fn write(&mut self, sector: u64, data: u64) -> Io {
-        self.request(VIRTIO_BLK_T_OUT, sector, data, LEN)
-    }
-
-    /// Used elements so far, head index -> used length (each head exactly once).
-    fn used(&self) -> HashMap<u16, u32> {
-        let n = self.q.used().idx().load();
-        let mut m = HashMap::new();
-        for i in 0..n {
-            let e = self.q.used().ring().ref_at(usize::from(i)).unwrap().load();
-            let prev = m.insert(e.id() as u16, e.len());
-            assert!(prev.is_none(), "head {} used twice", e.id());
-        }
-        m
-    }
-
-    fn done(&self, io: &Io) -> bool {
-        self.used().contains_key(&io.head)
-    }
-
-    /// Asserts `io` completed with `status` and used length `len`.
-    fn expect(&self, io: &Io, status: u8, len: u32) {
-        assert_eq!(self.used().get(&io.head), Some(&len), "used length");
-        let got: u8 = self.mem.read_obj(GuestAddress(io.status)).unwrap();
-        assert_eq!(got, status, "status byte");
-    }
-
-    /// Asserts `io` has no used element and its status byte is untouched.
-    fn expect_pending(&self, io: &Io) {
-        assert!(!self.done(io), "head {} completed early", io.head);
-        let got: u8 = self.mem.read_obj(GuestAddress(io.status)).unwrap();
-        assert_eq!(got, UNSET);
-    }
-}
-
-fn fill(gm: &GuestMem, addr: u64, bytes: &[u8]) {
-    gm.write_slice(bytes, GuestAddress(addr)).unwrap();
-}
-
-fn peek(gm: &GuestMem, addr: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    gm.read_slice(&mut v, GuestAddress(addr)).unwrap();
-    v
 }
 
 /// Starts a READ of `SRC` into B on queue 0 (B filled with `FILL` first) and
@@ -404,7 +247,7 @@ fn peek(gm: &GuestMem, addr: u64, len: usize) -> Vec<u8> {
 fn start_held_read(rig: &mut Rig, d0: &mut Driver<'_>) -> Io {
     assert!(rig.dev.policy.read_delay.is_some());
     fill(d0.mem, B, &[FILL; LEN as usize]);
-    let rd = d0.read(SRC, B);
+    let rd = d0.read_into(SRC, B);
     rig.kick(0);
     let mem = d0.mem;
     rig.poke_until(0, "READ data landing in B", || {
@@ -418,24 +261,51 @@ fn start_held_read(rig: &mut Rig, d0: &mut Driver<'_>) -> Io {
     rd
 }
 
-/// The fields every R1 event has: WRITE `write_id` on queue 1 from B to DST
-/// against READ `read_id` (queue 0) into B.
-fn assert_r1_event(e: &Value, policy: &str, action: &str, write_id: u64, read_id: u64) {
+/// The R1 setup: READ 1 of `SRC` into B held on queue 0 (`start_held_read`),
+/// then WRITE 2 from B to `DST` on queue 1, kicked. Returns (READ, WRITE).
+fn start_r1(rig: &mut Rig, d0: &mut Driver<'_>, d1: &mut Driver<'_>) -> (Io, Io) {
+    let rd = start_held_read(rig, d0);
+    let wr = d1.write_from(DST, B);
+    rig.kick(1);
+    (rd, wr)
+}
+
+/// Lets the held READ `rd` of queue 0 complete, and checks it did.
+fn finish_held_read(rig: &mut Rig, d0: &Driver<'_>, rd: &Io) {
+    rig.drain(0);
+    d0.expect(rd, OK, LEN + 1);
+}
+/// The fields every conflict event over B has: `kind`, `length` and
+/// `guest_ranges`, and each of `fields` (name, value).
+fn assert_b_event(e: &Value, fields: &[(&str, Value)]) {
     assert_eq!(e["kind"], "conflict", "{e}");
-    assert_eq!(e["rule"], "R1", "{e}");
-    assert_eq!(e["policy"], policy, "{e}");
-    assert_eq!(e["action"], action, "{e}");
-    assert_eq!(e["op"], "write", "{e}");
-    assert_eq!(e["queue"], 1, "{e}");
-    assert_eq!(e["request_id"], write_id, "{e}");
-    assert_eq!(e["sector"], DST, "{e}");
+    for (name, want) in fields {
+        assert_eq!(&e[*name], want, "{name}: {e}");
+    }
     assert_eq!(e["length"], LEN, "{e}");
-    assert_eq!(e["pin_direction"], "DeviceWrite", "{e}");
-    assert_eq!(e["overlapping"], serde_json::json!([read_id]), "{e}");
     assert_eq!(
         e["guest_ranges"],
         serde_json::json!([b_report_range()]),
         "{e}"
+    );
+}
+
+/// The fields every R1 event has: WRITE `write_id` on queue 1 from B to DST
+/// against READ `read_id` (queue 0) into B.
+fn assert_r1_event(e: &Value, policy: &str, action: &str, write_id: u64, read_id: u64) {
+    assert_b_event(
+        e,
+        &[
+            ("rule", "R1".into()),
+            ("policy", policy.into()),
+            ("action", action.into()),
+            ("op", "write".into()),
+            ("queue", 1.into()),
+            ("request_id", write_id.into()),
+            ("sector", DST.into()),
+            ("pin_direction", "DeviceWrite".into()),
+            ("overlapping", serde_json::json!([read_id])),
+        ],
     );
 }
 
@@ -446,12 +316,9 @@ fn assert_r1_event(e: &Value, policy: &str, action: &str, write_id: u64, read_id
 
 #[test]
 fn r1_passthrough_reports_and_writes_zero_copy() {
-    let (mut rig, gm) = Rig::new(held(Policy::Passthrough), Duration::from_secs(60));
-    let mut d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
-    let rd = start_held_read(&mut rig, &mut d0);
-    let wr = d1.write(DST, B);
-    rig.kick(1);
+    let (mut rig, gm) = Rig::new(held(Policy::Passthrough), NOT_LONG);
+    let (mut d0, mut d1) = rig.drivers(&gm);
+    let (rd, wr) = start_r1(&mut rig, &mut d0, &mut d1);
     assert_eq!(rig.bounce_in_use(), 0, "copied");
     rig.drain(1);
     d1.expect(&wr, OK, 1);
@@ -461,20 +328,16 @@ fn r1_passthrough_reports_and_writes_zero_copy() {
     let e = rig.the_conflict();
     assert_r1_event(&e, "passthrough", "passthrough", 2, 1);
     assert!(e.get("stall_us").is_none(), "{e}");
-    rig.drain(0);
-    d0.expect(&rd, OK, LEN + 1);
+    finish_held_read(&mut rig, &d0, &rd);
     assert_eq!(peek(&gm, B, LEN as usize), sector_data(SRC));
     rig.assert_idle();
 }
 
 #[test]
 fn r1_bounce_writes_a_private_copy() {
-    let (mut rig, gm) = Rig::new(held(Policy::Bounce), Duration::from_secs(60));
-    let mut d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
-    let rd = start_held_read(&mut rig, &mut d0);
-    let wr = d1.write(DST, B);
-    rig.kick(1);
+    let (mut rig, gm) = Rig::new(held(Policy::Bounce), NOT_LONG);
+    let (mut d0, mut d1) = rig.drivers(&gm);
+    let (rd, wr) = start_r1(&mut rig, &mut d0, &mut d1);
     // A bounce buffer is held until the WRITE completes.
     assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     // The copy was taken when the WRITE was admitted: a later change of B
@@ -485,26 +348,21 @@ fn r1_bounce_writes_a_private_copy() {
     d0.expect_pending(&rd);
     assert_eq!(rig.image_at(DST), sector_data(SRC));
     assert_r1_event(&rig.the_conflict(), "bounce", "bounce", 2, 1);
-    rig.drain(0);
-    d0.expect(&rd, OK, LEN + 1);
+    finish_held_read(&mut rig, &d0, &rd);
     rig.assert_idle();
 }
 
 #[test]
 fn r1_fail_is_ioerr_and_leaves_the_image() {
-    let (mut rig, gm) = Rig::new(held(Policy::Fail), Duration::from_secs(60));
-    let mut d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
-    let rd = start_held_read(&mut rig, &mut d0);
-    let wr = d1.write(DST, B);
-    rig.kick(1);
+    let (mut rig, gm) = Rig::new(held(Policy::Fail), NOT_LONG);
+    let (mut d0, mut d1) = rig.drivers(&gm);
+    let (rd, wr) = start_r1(&mut rig, &mut d0, &mut d1);
     // Completed at once, without waiting for anything.
     d1.expect(&wr, IOERR, 1);
     rig.drain(1);
     assert_eq!(rig.image(), image_bytes(0, IMAGE_SIZE as usize));
     assert_r1_event(&rig.the_conflict(), "fail", "fail", 2, 1);
-    rig.drain(0);
-    d0.expect(&rd, OK, LEN + 1);
+    finish_held_read(&mut rig, &d0, &rd);
     assert_eq!(peek(&gm, B, LEN as usize), sector_data(SRC));
     assert_eq!(rig.dev.counters().ioerr, 1);
     rig.assert_idle();
@@ -512,12 +370,9 @@ fn r1_fail_is_ioerr_and_leaves_the_image() {
 
 #[test]
 fn r1_stall_waits_for_the_read() {
-    let (mut rig, gm) = Rig::new(held(Policy::Stall), Duration::from_secs(60));
-    let mut d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
-    let rd = start_held_read(&mut rig, &mut d0);
-    let wr = d1.write(DST, B);
-    rig.kick(1);
+    let (mut rig, gm) = Rig::new(held(Policy::Stall), NOT_LONG);
+    let (mut d0, mut d1) = rig.drivers(&gm);
+    let (rd, wr) = start_r1(&mut rig, &mut d0, &mut d1);
     // Parked: no used element on queue 1 while the READ is in flight, however
     // often queue 1 runs; nothing reaches the image.
     rig.poke_for(1, Duration::from_millis(30), || d1.expect_pending(&wr));
@@ -558,12 +413,11 @@ fn r1_stall_timeout_bounces() {
         read_delay: Some(Duration::from_millis(1500)),
         ..settings(Policy::Stall)
     };
-    let (mut rig, gm) = Rig::new(policy, Duration::from_secs(60));
-    let mut d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
+    let (mut rig, gm) = Rig::new(policy, NOT_LONG);
+    let (mut d0, mut d1) = rig.drivers(&gm);
     let rd = start_held_read(&mut rig, &mut d0);
     let t = Instant::now();
-    let wr = d1.write(DST, B);
+    let wr = d1.write_from(DST, B);
     rig.kick(1);
     // Only queue 1 runs (its 1 ms retry timer): the READ stays in flight.
     rig.poke_until(1, "WRITE after the stall timeout", || d1.done(&wr));
@@ -577,19 +431,17 @@ fn r1_stall_timeout_bounces() {
     let stall_us = e["stall_us"].as_u64().expect("stall_us");
     assert!((20_000..1_500_000).contains(&stall_us), "{e}");
     rig.drain(1);
-    rig.drain(0);
-    d0.expect(&rd, OK, LEN + 1);
+    finish_held_read(&mut rig, &d0, &rd);
     rig.assert_idle();
 }
 
 #[test]
 fn long_term_pin_is_never_waited_on() {
     let (mut rig, gm) = Rig::new(held(Policy::Stall), Duration::from_millis(10));
-    let mut d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
+    let (mut d0, mut d1) = rig.drivers(&gm);
     let rd = start_held_read(&mut rig, &mut d0);
     std::thread::sleep(Duration::from_millis(20));
-    let wr = d1.write(DST, B);
+    let wr = d1.write_from(DST, B);
     rig.kick(1);
     // Bounced at once (no stall): done while the READ is still held.
     assert_eq!(rig.bounce_in_use(), u64::from(LEN));
@@ -608,8 +460,7 @@ fn long_term_pin_is_never_waited_on() {
     let detail = e["detail"].as_str().expect("detail");
     assert!(detail.contains("long-term"), "{e}");
     rig.drain(1);
-    rig.drain(0);
-    d0.expect(&rd, OK, LEN + 1);
+    finish_held_read(&mut rig, &d0, &rd);
     assert!(rig.dev.pins.counters().longterm_pins >= 1);
     rig.assert_idle();
 }
@@ -617,7 +468,7 @@ fn long_term_pin_is_never_waited_on() {
 // ---------------------------------------------------------------- R2
 
 /// Simulates a WRITE from B in flight on queue 0 (request 999, submitted).
-fn simulated_write(rig: &Rig) -> crate::pin::PinHandle {
+fn simulated_write(rig: &Rig) -> PinHandle {
     let h = rig
         .dev
         .pins
@@ -626,53 +477,60 @@ fn simulated_write(rig: &Rig) -> crate::pin::PinHandle {
     h
 }
 
+/// The R2 setup: B filled with `FILL`, a simulated WRITE from B on queue 0,
+/// then READ 1 of `SRC` into B on queue 1, kicked. Returns (the simulated
+/// WRITE's pin, the READ).
+fn start_r2(rig: &mut Rig, d1: &mut Driver<'_>) -> (PinHandle, Io) {
+    fill(d1.mem, B, &[FILL; LEN as usize]);
+    let h = simulated_write(rig);
+    let rd = d1.read_into(SRC, B);
+    rig.kick(1);
+    (h, rd)
+}
+
+/// The R2 end where `policy` is also the action: the one event, then the
+/// simulated WRITE is unpinned and nothing is left.
+fn finish_r2(rig: &Rig, h: PinHandle, policy: &str) {
+    assert_r2_event(&rig.the_conflict(), policy, policy);
+    rig.dev.pins.unpin(h);
+    rig.assert_idle();
+}
+
 /// The fields every R2 event has: READ request 1 on queue 1 into B from SRC
 /// against the simulated WRITE 999.
 fn assert_r2_event(e: &Value, policy: &str, action: &str) {
-    assert_eq!(e["kind"], "conflict", "{e}");
-    assert_eq!(e["rule"], "R2", "{e}");
-    assert_eq!(e["policy"], policy, "{e}");
-    assert_eq!(e["action"], action, "{e}");
-    assert_eq!(e["op"], "read", "{e}");
-    assert_eq!(e["queue"], 1, "{e}");
-    assert_eq!(e["request_id"], 1, "{e}");
-    assert_eq!(e["sector"], SRC, "{e}");
-    assert_eq!(e["length"], LEN, "{e}");
-    assert_eq!(e["pin_direction"], "DeviceRead", "{e}");
-    assert_eq!(e["overlapping"], serde_json::json!([999]), "{e}");
-    assert_eq!(
-        e["guest_ranges"],
-        serde_json::json!([b_report_range()]),
-        "{e}"
+    assert_b_event(
+        e,
+        &[
+            ("rule", "R2".into()),
+            ("policy", policy.into()),
+            ("action", action.into()),
+            ("op", "read".into()),
+            ("queue", 1.into()),
+            ("request_id", 1.into()),
+            ("sector", SRC.into()),
+            ("pin_direction", "DeviceRead".into()),
+            ("overlapping", serde_json::json!([999])),
+        ],
     );
 }
 
 #[test]
 fn r2_passthrough_reports_and_reads_zero_copy() {
-    let (mut rig, gm) = Rig::new(settings(Policy::Passthrough), Duration::from_secs(60));
-    let _d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
-    fill(&gm, B, &[FILL; LEN as usize]);
-    let h = simulated_write(&rig);
-    let rd = d1.read(SRC, B);
-    rig.kick(1);
+    let (mut rig, gm) = Rig::new(settings(Policy::Passthrough), NOT_LONG);
+    let (_d0, mut d1) = rig.drivers(&gm);
+    let (h, rd) = start_r2(&mut rig, &mut d1);
     rig.drain(1);
     d1.expect(&rd, OK, LEN + 1);
     assert_eq!(peek(&gm, B, LEN as usize), sector_data(SRC));
-    assert_r2_event(&rig.the_conflict(), "passthrough", "passthrough");
-    rig.dev.pins.unpin(h);
-    rig.assert_idle();
+    finish_r2(&rig, h, "passthrough");
 }
 
 #[test]
 fn r2_bounce_lands_in_a_private_buffer() {
-    let (mut rig, gm) = Rig::new(held(Policy::Bounce), Duration::from_secs(60));
-    let _d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
-    fill(&gm, B, &[FILL; LEN as usize]);
-    let h = simulated_write(&rig);
-    let rd = d1.read(SRC, B);
-    rig.kick(1);
+    let (mut rig, gm) = Rig::new(held(Policy::Bounce), NOT_LONG);
+    let (_d0, mut d1) = rig.drivers(&gm);
+    let (h, rd) = start_r2(&mut rig, &mut d1);
     assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     // The READ's I/O is done long before its held completion, yet the
     // simulated WRITE's source B is untouched: the data is in a private buffer.
@@ -684,37 +542,25 @@ fn r2_bounce_lands_in_a_private_buffer() {
     rig.drain(1);
     d1.expect(&rd, OK, LEN + 1);
     assert_eq!(peek(&gm, B, LEN as usize), sector_data(SRC));
-    assert_r2_event(&rig.the_conflict(), "bounce", "bounce");
-    rig.dev.pins.unpin(h);
-    rig.assert_idle();
+    finish_r2(&rig, h, "bounce");
 }
 
 #[test]
 fn r2_fail_is_ioerr_and_leaves_the_buffer() {
-    let (mut rig, gm) = Rig::new(settings(Policy::Fail), Duration::from_secs(60));
-    let _d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
-    fill(&gm, B, &[FILL; LEN as usize]);
-    let h = simulated_write(&rig);
-    let rd = d1.read(SRC, B);
-    rig.kick(1);
+    let (mut rig, gm) = Rig::new(settings(Policy::Fail), NOT_LONG);
+    let (_d0, mut d1) = rig.drivers(&gm);
+    let (h, rd) = start_r2(&mut rig, &mut d1);
     d1.expect(&rd, IOERR, 1);
     rig.drain(1);
     assert_eq!(peek(&gm, B, LEN as usize), [FILL; LEN as usize]);
-    assert_r2_event(&rig.the_conflict(), "fail", "fail");
-    rig.dev.pins.unpin(h);
-    rig.assert_idle();
+    finish_r2(&rig, h, "fail");
 }
 
 #[test]
 fn r2_stall_waits_for_the_unpin() {
-    let (mut rig, gm) = Rig::new(settings(Policy::Stall), Duration::from_secs(60));
-    let _d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
-    fill(&gm, B, &[FILL; LEN as usize]);
-    let h = simulated_write(&rig);
-    let rd = d1.read(SRC, B);
-    rig.kick(1);
+    let (mut rig, gm) = Rig::new(settings(Policy::Stall), NOT_LONG);
+    let (_d0, mut d1) = rig.drivers(&gm);
+    let (h, rd) = start_r2(&mut rig, &mut d1);
     rig.poke_for(1, Duration::from_millis(30), || {
         d1.expect_pending(&rd);
         assert_eq!(peek(&gm, B, LEN as usize), [FILL; LEN as usize]);
@@ -735,9 +581,8 @@ fn r2_stall_waits_for_the_unpin() {
 
 #[test]
 fn stall_never_waits_on_an_unsubmitted_pin() {
-    let (mut rig, gm) = Rig::new(settings(Policy::Stall), Duration::from_secs(60));
-    let _d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
+    let (mut rig, gm) = Rig::new(settings(Policy::Stall), NOT_LONG);
+    let (_d0, mut d1) = rig.drivers(&gm);
     let data = pattern(3, LEN as usize);
     fill(&gm, B, &data);
     // A READ into B on queue 0, pinned but itself still waiting (not submitted).
@@ -745,7 +590,7 @@ fn stall_never_waits_on_an_unsubmitted_pin() {
         .dev
         .pins
         .pin(0, 999, Direction::DeviceWrite, &[b_range()]);
-    let wr = d1.write(DST, B);
+    let wr = d1.write_from(DST, B);
     rig.kick(1);
     assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     fill(&gm, B, &[0x77; LEN as usize]);
@@ -770,12 +615,9 @@ fn stall_never_waits_on_an_unsubmitted_pin() {
 /// each other: it bounces, and everything completes.
 #[test]
 fn stalled_request_is_never_waited_on() {
-    let (mut rig, gm) = Rig::new(held(Policy::Stall), Duration::from_secs(60));
-    let mut d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
-    let rd1 = start_held_read(&mut rig, &mut d0);
-    let wr = d1.write(DST, B);
-    rig.kick(1);
+    let (mut rig, gm) = Rig::new(held(Policy::Stall), NOT_LONG);
+    let (mut d0, mut d1) = rig.drivers(&gm);
+    let (rd1, wr) = start_r1(&mut rig, &mut d0, &mut d1);
     rig.poke_for(1, Duration::from_millis(5), || d1.expect_pending(&wr));
     // Who pins B: the READ (submitted) and the stalled WRITE (not submitted).
     let mut by = rig.dev.pins.pinned_by(&[b_range()], None, None);
@@ -785,7 +627,7 @@ fn stalled_request_is_never_waited_on() {
     assert_eq!((by[1].queue, by[1].id, by[1].submitted), (1, 2, false));
     assert_eq!(by[1].direction, Direction::DeviceRead);
 
-    let rd2 = d0.read(SRC2, B);
+    let rd2 = d0.read_into(SRC2, B);
     rig.kick(0);
     // READ 3 was not parked: it bounced, and only the delay holds it.
     let c = rig.conflicts();
@@ -824,14 +666,13 @@ fn bounce_always_copies_every_write() {
         bounce_always: true,
         ..settings(Policy::Passthrough)
     };
-    let (mut rig, gm) = Rig::new(policy, Duration::from_secs(60));
-    let mut d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
+    let (mut rig, gm) = Rig::new(policy, NOT_LONG);
+    let (mut d0, mut d1) = rig.drivers(&gm);
     let (a, b) = (pattern(1, LEN as usize), pattern(2, LEN as usize));
     fill(&gm, W0, &a);
     fill(&gm, W1, &b);
-    let wa = d0.write(DST, W0);
-    let wb = d1.write(DST2, W1);
+    let wa = d0.write_from(DST, W0);
+    let wb = d1.write_from(DST2, W1);
     rig.kick(0);
     rig.kick(1);
     assert_eq!(rig.bounce_in_use(), 2 * u64::from(LEN));
@@ -855,18 +696,17 @@ fn bounce_pool_exhausted_waits_for_memory() {
         bounce_pool_bytes: 4096,
         ..settings(Policy::Bounce)
     };
-    let (mut rig, gm) = Rig::new(policy, Duration::from_secs(60));
-    let mut d0 = Driver::new(&gm, &rig, 0);
-    let mut d1 = Driver::new(&gm, &rig, 1);
+    let (mut rig, gm) = Rig::new(policy, NOT_LONG);
+    let (mut d0, mut d1) = rig.drivers(&gm);
     let (a, b) = (pattern(1, LEN as usize), pattern(2, LEN as usize));
     fill(&gm, W0, &a);
     fill(&gm, W1, &b);
-    let wa = d0.write(DST, W0);
+    let wa = d0.write_from(DST, W0);
     rig.kick(0);
     // An empty pool serves one request, however large.
     assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     fill(&gm, W0, &[0x77; LEN as usize]);
-    let wb = d1.write(DST2, W1);
+    let wb = d1.write_from(DST2, W1);
     rig.kick(1);
     // The second waits for memory while the first holds the pool.
     rig.poke_for(1, Duration::from_millis(20), || d1.expect_pending(&wb));
@@ -896,18 +736,17 @@ const POLICIES: [Policy; 4] = [
 #[test]
 fn write_write_from_one_buffer_is_not_a_conflict() {
     for policy in POLICIES {
-        let (mut rig, gm) = Rig::new(settings(policy), Duration::from_secs(60));
-        let mut d0 = Driver::new(&gm, &rig, 0);
-        let mut d1 = Driver::new(&gm, &rig, 1);
+        let (mut rig, gm) = Rig::new(settings(policy), NOT_LONG);
+        let (mut d0, mut d1) = rig.drivers(&gm);
         let data = pattern(5, LEN as usize);
         fill(&gm, B, &data);
-        let w0 = d0.write(DST, B);
+        let w0 = d0.write_from(DST, B);
         rig.kick(0);
         // Not reaped: the first WRITE still pins B.
         let by = rig.dev.pins.pinned_by(&[b_range()], None, None);
         assert_eq!(by.len(), 1, "{policy:?}: {by:?}");
         assert_eq!(by[0].direction, Direction::DeviceRead);
-        let w1 = d1.write(DST2, B);
+        let w1 = d1.write_from(DST2, B);
         rig.kick(1);
         rig.drain(1);
         rig.drain(0);
@@ -923,11 +762,10 @@ fn write_write_from_one_buffer_is_not_a_conflict() {
 #[test]
 fn read_read_into_one_buffer_is_not_a_conflict() {
     for policy in POLICIES {
-        let (mut rig, gm) = Rig::new(held(policy), Duration::from_secs(60));
-        let mut d0 = Driver::new(&gm, &rig, 0);
-        let mut d1 = Driver::new(&gm, &rig, 1);
+        let (mut rig, gm) = Rig::new(held(policy), NOT_LONG);
+        let (mut d0, mut d1) = rig.drivers(&gm);
         let r0 = start_held_read(&mut rig, &mut d0);
-        let r1 = d1.read(SRC, B);
+        let r1 = d1.read_into(SRC, B);
         rig.kick(1);
         rig.drain(1);
         d1.expect(&r1, OK, LEN + 1);

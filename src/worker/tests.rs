@@ -6,62 +6,26 @@
 //! `process_queue` + `drain`, and checks the used ring, the status bytes, the
 //! image file and the guest buffers.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vhost_user_backend::VringT;
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
-    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_bindings::bindings::virtio_ring::{
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-};
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::{GuestMem, GuestMemAtomic, QueueWorker, Vring};
+use super::test_util::{
+    device, guest_memory, image_bytes, image_file, outhdr, pattern, r, vring, w, Driver, Io, D,
+    IMAGE_SIZE, IOERR, MEM_SIZE, OK, UNSET, UNSUPP,
+};
+use super::{GuestMem, QueueWorker, Vring};
 use crate::device::Device;
-use crate::storage::{Image, ImageOptions};
-use crate::transport::config::DeviceConfig;
 
-/// Guest memory size: 16 MiB at guest-physical 0.
-const MEM_SIZE: u64 = 0x100_0000;
-/// Virtqueue size (descriptor table at 0, rings right after it).
-const QSIZE: u16 = 256;
-/// Image size: 1 MiB = 2048 sectors.
-const IMAGE_SIZE: u64 = 1 << 20;
 const CAPACITY: u64 = IMAGE_SIZE / 512;
 /// Buffers are allocated from here up to `BUF_END`.
 const BUF_START: u64 = 0x10_0000;
 const BUF_END: u64 = 0x80_0000;
 const SERIAL: &str = "pinblk-test-serial";
-
-const OK: u8 = VIRTIO_BLK_S_OK as u8;
-const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
-/// What the driver puts in the status byte before submitting.
-const UNSET: u8 = 0xa5;
-
-/// The initial image contents: every byte depends on its offset.
-fn image_byte(off: u64) -> u8 {
-    ((off / 512) as u8) ^ ((off % 251) as u8)
-}
-
-fn image_bytes(off: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| image_byte(off + i)).collect()
-}
-
-/// Data for a WRITE, different from the initial image contents.
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed) | 1)
-        .collect()
-}
 
 /// The device side: image, device, vring and worker.
 struct Backend {
@@ -74,37 +38,14 @@ struct Backend {
 }
 
 impl Backend {
-    /// A backend and (a handle on) its guest memory, for `Driver::new`.
+    /// A backend and (a handle on) its guest memory, for `Backend::driver`.
     fn new(read_only: bool) -> (Backend, Arc<GuestMem>) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("disk.img");
-        std::fs::write(&path, image_bytes(0, IMAGE_SIZE as usize)).unwrap();
-        let image = Image::open(
-            &path,
-            &ImageOptions {
-                read_only,
-                logical_block_size: 512,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (path, image) = image_file(dir.path(), read_only);
         assert_eq!(image.capacity_sectors(), CAPACITY);
-        let dev = Arc::new(Device::new(
-            DeviceConfig {
-                capacity_sectors: CAPACITY,
-                logical_block_size: 512,
-                num_queues: 1,
-                queue_size: QSIZE,
-                read_only,
-                serial: SERIAL.into(),
-            },
-            image,
-        ));
-        let gm =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-        let mem: GuestMemAtomic = GuestMemoryAtomic::new(gm);
-        let gm = mem.memory().into_inner();
-        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
+        let dev = Arc::new(device(image, 1, read_only, SERIAL));
+        let (mem, gm) = guest_memory();
+        let vring = vring(&mem);
         let worker = QueueWorker::new(dev.clone(), mem, 0).unwrap();
         let b = Backend {
             _dir: dir,
@@ -117,14 +58,12 @@ impl Backend {
         (b, gm)
     }
 
-    /// Points the vring at the mock driver's rings and enables it.
-    fn attach(&self, q: &MockSplitQueue<'_, GuestMem>) {
-        self.vring
-            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
-            .unwrap();
-        self.vring.set_queue_size(QSIZE);
-        self.vring.set_queue_ready(true);
-        self.vring.set_enabled(true);
+    /// The driver: rings at 0 (descriptor table, then the rings), buffers
+    /// from `BUF_START`. `gm` is the backend's guest memory (a clone of
+    /// `Backend::gm`, so that the driver does not borrow the backend).
+    fn driver<'a>(&self, gm: &'a GuestMem) -> Driver<'a> {
+        assert!(std::ptr::eq(gm, &*self.gm));
+        Driver::new(gm, &self.vring, 0, BUF_START..BUF_END)
     }
 
     /// A kick: pop and start everything, then wait for every completion.
@@ -139,134 +78,12 @@ impl Backend {
     }
 }
 
-/// A request as the driver submitted it.
-#[derive(Clone, Copy, Debug)]
-struct Io {
-    head: u16,
-    /// First data buffer (READ destination, WRITE source, GET_ID answer).
-    data: u64,
-    status: u64,
-}
-
-/// A descriptor: (guest address, length, device-writable).
-type D = (u64, u32, bool);
-
-fn r(addr: u64, len: u32) -> D {
-    (addr, len, false)
-}
-
-fn w(addr: u64, len: u32) -> D {
-    (addr, len, true)
-}
-
-fn raw(d: D, flags: u32, next: u16) -> RawDescriptor {
-    let f = if d.2 { VRING_DESC_F_WRITE } else { 0 } | flags;
-    RawDescriptor::from(SplitDescriptor::new(d.0, d.1, f as u16, next))
-}
-
-/// The driver side: a MockSplitQueue plus a bump allocator for buffers.
-struct Driver<'a> {
-    mem: &'a GuestMem,
-    q: MockSplitQueue<'a, GuestMem>,
-    next_desc: u16,
-    next_buf: u64,
-}
-
-impl<'a> Driver<'a> {
-    /// `gm` is the backend's guest memory (a clone of `Backend::gm`, so that
-    /// the driver does not borrow the backend).
-    fn new(gm: &'a GuestMem, b: &Backend) -> Driver<'a> {
-        assert!(std::ptr::eq(gm, &*b.gm));
-        let q = MockSplitQueue::new(gm, QSIZE);
-        b.attach(&q);
-        Driver {
-            mem: gm,
-            q,
-            next_desc: 0,
-            next_buf: BUF_START,
-        }
-    }
-
-    fn alloc(&mut self, len: u64) -> u64 {
-        let a = self.next_buf;
-        // Odd alignment on purpose: buffers need not be page or sector aligned.
-        self.next_buf = (a + len + 0x3f) & !0x1f;
-        assert!(self.next_buf < BUF_END, "test buffer area exhausted");
-        a
-    }
-
-    fn buf(&mut self, bytes: &[u8]) -> u64 {
-        let a = self.alloc(bytes.len() as u64);
-        self.mem.write_slice(bytes, GuestAddress(a)).unwrap();
-        a
-    }
-
-    fn header(&mut self, kind: u32, sector: u64) -> u64 {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.buf(&h)
-    }
-
-    fn status(&mut self) -> u64 {
-        self.buf(&[UNSET])
-    }
-
-    /// Makes `descs` available as one direct chain; returns its head index.
-    fn add(&mut self, descs: &[D]) -> u16 {
-        let n = descs.len();
-        // Never reuse a descriptor index, so that every head is unique in the used ring.
-        assert!(usize::from(self.next_desc) + n <= usize::from(QSIZE));
-        let head = self.next_desc;
-        let raws: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| {
-                if i + 1 < n {
-                    raw(d, VRING_DESC_F_NEXT, head + i as u16 + 1)
-                } else {
-                    raw(d, 0, 0)
-                }
-            })
-            .collect();
-        self.q.add_desc_chains(&raws, head).unwrap();
-        self.next_desc += n as u16;
-        head
-    }
-
-    /// Makes `descs` available through one indirect descriptor.
-    fn add_indirect(&mut self, descs: &[D]) -> u16 {
-        assert!(self.next_desc < QSIZE);
-        let table = self.alloc(16 * descs.len() as u64 + 16) & !0xf;
-        let table = table + 16;
-        for (i, &d) in descs.iter().enumerate() {
-            let (flags, next) = if i + 1 < descs.len() {
-                (VRING_DESC_F_NEXT, i as u16 + 1)
-            } else {
-                (0, 0)
-            };
-            self.mem
-                .write_obj(raw(d, flags, next), GuestAddress(table + 16 * i as u64))
-                .unwrap();
-        }
-        let head = self.next_desc;
-        let ind = RawDescriptor::from(SplitDescriptor::new(
-            table,
-            16 * descs.len() as u32,
-            VRING_DESC_F_INDIRECT as u16,
-            0,
-        ));
-        self.q.add_desc_chains(&[ind], head).unwrap();
-        self.next_desc += 1;
-        head
-    }
-
+/// Request builders of these tests.
+impl Driver<'_> {
     /// A READ of `len` bytes at `sector`, the data split in `parts` descriptors.
     fn read_split(&mut self, sector: u64, len: u32, parts: u32) -> Io {
-        let h = self.header(VIRTIO_BLK_T_IN, sector);
         let data = self.buf(&vec![0xee; len as usize]);
-        let s = self.status();
-        let mut descs = vec![r(h, 16)];
+        let mut descs = Vec::new();
         let mut off = 0;
         for i in 0..parts {
             let n = if i + 1 == parts {
@@ -277,13 +94,7 @@ impl<'a> Driver<'a> {
             descs.push(w(data + u64::from(off), n));
             off += n;
         }
-        descs.push(w(s, 1));
-        let head = self.add(&descs);
-        Io {
-            head,
-            data,
-            status: s,
-        }
+        self.request_with(VIRTIO_BLK_T_IN, sector, data, &descs)
     }
 
     fn read(&mut self, sector: u64, len: u32) -> Io {
@@ -294,9 +105,7 @@ impl<'a> Driver<'a> {
     /// bytes in one descriptor and the rest in a second one.
     fn write(&mut self, sector: u64, bytes: &[u8]) -> Io {
         let mut hd = Vec::with_capacity(16 + bytes.len());
-        hd.extend_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
-        hd.extend_from_slice(&[0; 4]);
-        hd.extend_from_slice(&sector.to_le_bytes());
+        hd.extend_from_slice(&outhdr(VIRTIO_BLK_T_OUT, sector));
         hd.extend_from_slice(bytes);
         let a = self.buf(&hd);
         let s = self.status();
@@ -320,32 +129,17 @@ impl<'a> Driver<'a> {
 
     /// A request with a header and a status only (FLUSH, unknown types).
     fn bare(&mut self, kind: u32, sector: u64) -> Io {
-        let h = self.header(kind, sector);
-        let s = self.status();
-        let head = self.add(&[r(h, 16), w(s, 1)]);
-        Io {
-            head,
-            data: 0,
-            status: s,
-        }
+        self.request_with(kind, sector, 0, &[])
     }
 
     fn get_id(&mut self, len: u32) -> Io {
-        let h = self.header(VIRTIO_BLK_T_GET_ID, 0);
         // 4 bytes more than the descriptor says, to see nothing is written past it.
         let data = self.buf(&vec![0xee; len as usize + 4]);
-        let s = self.status();
-        let head = self.add(&[r(h, 16), w(data, len), w(s, 1)]);
-        Io {
-            head,
-            data,
-            status: s,
-        }
+        self.request_with(VIRTIO_BLK_T_GET_ID, 0, data, &[w(data, len)])
     }
 
     /// A DISCARD or WRITE_ZEROES with segments (sector, num_sectors, flags).
     fn segments(&mut self, kind: u32, segs: &[(u64, u32, u32)]) -> Io {
-        let h = self.header(kind, 0);
         let mut b = Vec::new();
         for &(sector, num, flags) in segs {
             b.extend_from_slice(&sector.to_le_bytes());
@@ -353,47 +147,7 @@ impl<'a> Driver<'a> {
             b.extend_from_slice(&flags.to_le_bytes());
         }
         let data = self.buf(&b);
-        let s = self.status();
-        let head = self.add(&[r(h, 16), r(data, b.len() as u32), w(s, 1)]);
-        Io {
-            head,
-            data,
-            status: s,
-        }
-    }
-
-    fn status_of(&self, io: &Io) -> u8 {
-        self.mem.read_obj(GuestAddress(io.status)).unwrap()
-    }
-
-    fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
-        v
-    }
-
-    /// Used elements so far, head index -> used length (each head exactly once).
-    fn used(&self) -> HashMap<u16, u32> {
-        let n = self.q.used().idx().load();
-        let mut m = HashMap::new();
-        for i in 0..n {
-            let e = self.q.used().ring().ref_at(usize::from(i)).unwrap().load();
-            let prev = m.insert(e.id() as u16, e.len());
-            assert!(prev.is_none(), "head {} used twice", e.id());
-        }
-        m
-    }
-
-    /// Asserts `io` completed with `status` and used length `len`.
-    fn expect(&self, io: &Io, status: u8, len: u32) {
-        let used = self.used();
-        assert_eq!(
-            used.get(&io.head),
-            Some(&len),
-            "used length of head {} (used ring {used:?})",
-            io.head
-        );
-        assert_eq!(self.status_of(io), status, "status of head {}", io.head);
+        self.request_with(kind, 0, data, &[r(data, b.len() as u32)])
     }
 }
 
@@ -437,10 +191,25 @@ fn expect_refused<'a>(
     );
 }
 
+/// `expect_refused` on a new read-write backend; returns the backend.
+fn refused(status: u8, bad: impl FnOnce(&mut Driver<'_>) -> Io) -> Backend {
+    let (mut b, gm) = Backend::new(false);
+    let mut d = b.driver(&gm);
+    expect_refused(&mut d, &mut b, status, bad);
+    b
+}
+
+/// `refused(IOERR, ..)` of a READ and, on another backend, of a WRITE, both
+/// of `len` bytes at `sector` (the WRITE of `pattern(seed, len)`).
+fn read_and_write_refused(sector: u64, len: u32, seed: u8) {
+    refused(IOERR, |d| d.read(sector, len));
+    refused(IOERR, |d| d.write(sector, &pattern(seed, len as usize)));
+}
+
 #[test]
 fn write_then_read_round_trip() {
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     let data = pattern(1, 8192);
     let wr = d.write(8, &data);
     b.run();
@@ -478,7 +247,7 @@ fn write_then_read_round_trip() {
 #[test]
 fn many_requests_in_one_batch() {
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     let ios: Vec<(Io, Vec<u8>)> = (0..40u64)
         .map(|i| {
             let data = pattern(i as u8, 1024);
@@ -504,7 +273,7 @@ fn many_requests_in_one_batch() {
 #[test]
 fn indirect_read() {
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     let h = d.header(VIRTIO_BLK_T_IN, 2);
     let data = d.alloc(1536);
     let s = d.status();
@@ -522,7 +291,7 @@ fn indirect_read() {
 #[test]
 fn zero_length_read_and_write() {
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     let rd = d.bare(VIRTIO_BLK_T_IN, 5);
     let wr = d.write(5, &[]);
     b.run();
@@ -534,7 +303,7 @@ fn zero_length_read_and_write() {
 #[test]
 fn flush_ok() {
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     let wr = d.write(0, &pattern(3, 512));
     b.run();
     let fl = d.bare(VIRTIO_BLK_T_FLUSH, 0);
@@ -547,7 +316,7 @@ fn flush_ok() {
 #[test]
 fn get_id_returns_serial() {
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     let full = d.get_id(20);
     let short = d.get_id(8);
     b.run();
@@ -564,7 +333,7 @@ fn get_id_returns_serial() {
 #[test]
 fn discard_then_read_gives_zeros() {
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     // Two segments: sectors 8..16 (one 4 KiB block) and 32..48.
     let ds = d.segments(VIRTIO_BLK_T_DISCARD, &[(8, 8, 0), (32, 16, 0)]);
     b.run();
@@ -587,7 +356,7 @@ fn discard_then_read_gives_zeros() {
 #[test]
 fn write_zeroes() {
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     // Unaligned to 4 KiB on purpose; one segment with UNMAP, one of 0 sectors.
     let wz = d.segments(
         VIRTIO_BLK_T_WRITE_ZEROES,
@@ -612,7 +381,7 @@ fn write_zeroes() {
 #[test]
 fn no_status_descriptor() {
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     let io = with_neighbours(&mut d, &mut b, |d| {
         let h = d.header(VIRTIO_BLK_T_OUT, 300);
         let data = d.buf(&pattern(9, 512));
@@ -636,7 +405,7 @@ fn no_status_descriptor() {
 #[test]
 fn readable_after_writable_is_dropped_without_status() {
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     let io = with_neighbours(&mut d, &mut b, |d| {
         let h = d.header(VIRTIO_BLK_T_IN, 0);
         let data = d.alloc(512);
@@ -655,9 +424,7 @@ fn readable_after_writable_is_dropped_without_status() {
 
 #[test]
 fn short_header_is_ioerr() {
-    let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
-    expect_refused(&mut d, &mut b, IOERR, |d| {
+    let b = refused(IOERR, |d| {
         let h = d.header(VIRTIO_BLK_T_OUT, 0);
         let s = d.status();
         let head = d.add(&[r(h, 12), w(s, 1)]);
@@ -670,40 +437,25 @@ fn short_header_is_ioerr() {
     assert_eq!(b.dev.counters().ioerr, 1);
 }
 
-#[test]
-fn wrong_direction_read_is_ioerr() {
-    let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
-    expect_refused(&mut d, &mut b, IOERR, |d| {
-        // READ whose data buffer is device-readable.
-        let h = d.header(VIRTIO_BLK_T_IN, 0);
+/// `refused(IOERR, ..)` of a request of `kind` whose 512-byte data buffer
+/// is `data_desc` (the wrong direction).
+fn wrong_direction_refused(kind: u32, data_desc: fn(u64, u32) -> D) {
+    refused(IOERR, |d| {
         let data = d.buf(&[0x11; 512]);
-        let s = d.status();
-        let head = d.add(&[r(h, 16), r(data, 512), w(s, 1)]);
-        Io {
-            head,
-            data,
-            status: s,
-        }
+        d.request_with(kind, 0, data, &[data_desc(data, 512)])
     });
 }
 
 #[test]
+fn wrong_direction_read_is_ioerr() {
+    // READ whose data buffer is device-readable.
+    wrong_direction_refused(VIRTIO_BLK_T_IN, r);
+}
+
+#[test]
 fn wrong_direction_write_is_ioerr() {
-    let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
-    expect_refused(&mut d, &mut b, IOERR, |d| {
-        // WRITE whose data buffer is device-writable.
-        let h = d.header(VIRTIO_BLK_T_OUT, 0);
-        let data = d.buf(&[0x11; 512]);
-        let s = d.status();
-        let head = d.add(&[r(h, 16), w(data, 512), w(s, 1)]);
-        Io {
-            head,
-            data,
-            status: s,
-        }
-    });
+    // WRITE whose data buffer is device-writable.
+    wrong_direction_refused(VIRTIO_BLK_T_OUT, w);
 }
 
 #[test]
@@ -716,14 +468,7 @@ fn past_capacity_is_ioerr() {
         (u64::MAX / 512 + 1, 512),
         (1 << 60, 4096),
     ] {
-        let (mut b, gm) = Backend::new(false);
-        let mut d = Driver::new(&gm, &b);
-        expect_refused(&mut d, &mut b, IOERR, |d| d.read(sector, len));
-        let (mut b, gm) = Backend::new(false);
-        let mut d = Driver::new(&gm, &b);
-        expect_refused(&mut d, &mut b, IOERR, |d| {
-            d.write(sector, &pattern(5, len as usize))
-        });
+        read_and_write_refused(sector, len, 5);
     }
 }
 
@@ -736,86 +481,40 @@ fn segment_past_capacity_is_ioerr() {
         (u64::MAX - 1, 8),
     ] {
         for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
-            let (mut b, gm) = Backend::new(false);
-            let mut d = Driver::new(&gm, &b);
-            expect_refused(&mut d, &mut b, IOERR, |d| {
-                d.segments(kind, &[(0, 1, 0), (sector, num, 0)])
-            });
+            refused(IOERR, |d| d.segments(kind, &[(0, 1, 0), (sector, num, 0)]));
         }
     }
 }
 
 #[test]
 fn bad_segment_list_is_ioerr() {
-    let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
     // No segment at all.
-    expect_refused(&mut d, &mut b, IOERR, |d| {
-        d.segments(VIRTIO_BLK_T_DISCARD, &[])
-    });
+    refused(IOERR, |d| d.segments(VIRTIO_BLK_T_DISCARD, &[]));
     // A segment list that is not a multiple of 16 bytes.
-    let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
-    expect_refused(&mut d, &mut b, IOERR, |d| {
-        let h = d.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    refused(IOERR, |d| {
         let data = d.buf(&[0; 24]);
-        let s = d.status();
-        let head = d.add(&[r(h, 16), r(data, 24), w(s, 1)]);
-        Io {
-            head,
-            data,
-            status: s,
-        }
+        d.request_with(VIRTIO_BLK_T_WRITE_ZEROES, 0, data, &[r(data, 24)])
     });
     // More segments than max_discard_seg (32).
-    let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
     let segs: Vec<(u64, u32, u32)> = (0..33).map(|i| (i * 2, 1, 0)).collect();
-    expect_refused(&mut d, &mut b, IOERR, |d| {
-        d.segments(VIRTIO_BLK_T_WRITE_ZEROES, &segs)
-    });
+    refused(IOERR, |d| d.segments(VIRTIO_BLK_T_WRITE_ZEROES, &segs));
 }
 
 #[test]
 fn length_not_multiple_of_512_is_ioerr() {
     for len in [1, 511, 513, 1000] {
-        let (mut b, gm) = Backend::new(false);
-        let mut d = Driver::new(&gm, &b);
-        expect_refused(&mut d, &mut b, IOERR, |d| d.read(0, len));
-        let (mut b, gm) = Backend::new(false);
-        let mut d = Driver::new(&gm, &b);
-        expect_refused(&mut d, &mut b, IOERR, |d| {
-            d.write(0, &pattern(2, len as usize))
-        });
+        read_and_write_refused(0, len, 2);
     }
 }
 
 #[test]
 fn guest_address_outside_memory_is_ioerr() {
     for addr in [MEM_SIZE, MEM_SIZE - 256, u64::MAX - 100] {
-        let (mut b, gm) = Backend::new(false);
-        let mut d = Driver::new(&gm, &b);
-        expect_refused(&mut d, &mut b, IOERR, |d| {
-            let h = d.header(VIRTIO_BLK_T_IN, 0);
-            let s = d.status();
-            let head = d.add(&[r(h, 16), w(addr, 512), w(s, 1)]);
-            Io {
-                head,
-                data: addr,
-                status: s,
-            }
+        refused(IOERR, |d| {
+            d.request_with(VIRTIO_BLK_T_IN, 0, addr, &[w(addr, 512)])
         });
-        let (mut b, gm) = Backend::new(false);
-        let mut d = Driver::new(&gm, &b);
-        expect_refused(&mut d, &mut b, IOERR, |d| {
-            let h = d.header(VIRTIO_BLK_T_OUT, 0);
-            let s = d.status();
-            let head = d.add(&[r(h, 16), r(addr, 512), w(s, 1)]);
-            Io {
-                head,
-                data: addr,
-                status: s,
-            }
+        refused(IOERR, |d| {
+            d.request_with(VIRTIO_BLK_T_OUT, 0, addr, &[r(addr, 512)])
         });
     }
 }
@@ -824,7 +523,7 @@ fn guest_address_outside_memory_is_ioerr() {
 fn status_outside_memory_is_dropped() {
     for addr in [MEM_SIZE, u64::MAX, u64::MAX - 1] {
         let (mut b, gm) = Backend::new(false);
-        let mut d = Driver::new(&gm, &b);
+        let mut d = b.driver(&gm);
         let io = with_neighbours(&mut d, &mut b, |d| {
             let h = d.header(VIRTIO_BLK_T_FLUSH, 0);
             let head = d.add(&[r(h, 16), w(addr, 1)]);
@@ -840,41 +539,26 @@ fn status_outside_memory_is_dropped() {
 
 #[test]
 fn unknown_request_type_is_unsupp() {
-    let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
-    expect_refused(&mut d, &mut b, UNSUPP, |d| d.bare(0x99, 0));
+    let b = refused(UNSUPP, |d| d.bare(0x99, 0));
     assert_eq!(b.dev.counters().unsupp, 1);
     // With data in both directions too.
-    let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
-    expect_refused(&mut d, &mut b, UNSUPP, |d| {
-        let h = d.header(0x99, 0);
+    refused(UNSUPP, |d| {
         let out = d.buf(&[1; 64]);
         let inb = d.alloc(64);
-        let s = d.status();
-        let head = d.add(&[r(h, 16), r(out, 64), w(inb, 64), w(s, 1)]);
-        Io {
-            head,
-            data: inb,
-            status: s,
-        }
+        d.request_with(0x99, 0, inb, &[r(out, 64), w(inb, 64)])
     });
 }
 
 #[test]
 fn discard_with_unmap_flag_is_unsupp() {
-    let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
-    expect_refused(&mut d, &mut b, UNSUPP, |d| {
+    refused(UNSUPP, |d| {
         d.segments(
             VIRTIO_BLK_T_DISCARD,
             &[(0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)],
         )
     });
     // Unknown segment flags on WRITE_ZEROES.
-    let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
-    expect_refused(&mut d, &mut b, UNSUPP, |d| {
+    refused(UNSUPP, |d| {
         d.segments(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, 0x2)])
     });
 }
@@ -882,7 +566,7 @@ fn discard_with_unmap_flag_is_unsupp() {
 #[test]
 fn read_only_device_refuses_writes() {
     let (mut b, gm) = Backend::new(true);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     let wr = d.write(0, &pattern(4, 512));
     let ds = d.segments(VIRTIO_BLK_T_DISCARD, &[(0, 8, 0)]);
     let wz = d.segments(VIRTIO_BLK_T_WRITE_ZEROES, &[(8, 8, 0)]);
@@ -909,7 +593,7 @@ fn chain_longer_than_4gib_is_not_ok() {
     // sees a truncated chain whose last byte is inside the data; whatever
     // happens, it must not be a successful READ, and not a panic.
     let (mut b, gm) = Backend::new(false);
-    let mut d = Driver::new(&gm, &b);
+    let mut d = b.driver(&gm);
     let io = with_neighbours(&mut d, &mut b, |d| {
         let h = d.header(VIRTIO_BLK_T_IN, 0);
         let s = d.status();
