@@ -7,15 +7,18 @@
 #   OUTDIR/bzImage             Debian amd64 kernel (from linux-image-<ver>-amd64)
 #   OUTDIR/initramfs.cpio.gz   busybox-static + Debian fio (+ its shared libs)
 #                              + mke2fs/e2fsck + virtio/ext4 modules + /init
-#                              (= guest-tests/guest-init.sh)
+#                              (= guest-tests/guest-init.sh) + the guest
+#                              programs guest-tests/progs/*.c, compiled with
+#                              gcc -static -O2 -pthread into /usr/bin/NAME
 #   OUTDIR/kernel-version      the guest kernel release string
 #   OUTDIR/cache/              downloaded .deb (reused on the next build)
 #
 # Idempotent: does nothing when bzImage and initramfs.cpio.gz are newer than
-# this script and guest-init.sh (set FORCE=1 to rebuild anyway).
+# this script, guest-init.sh and guest-tests/progs/* (set FORCE=1 to rebuild
+# anyway).
 #
 # Missing host packages (qemu-system-x86 fio busybox-static cpio xz-utils zstd
-# e2fsprogs) are installed with apt-get (via sudo when not root); apt-get update
+# e2fsprogs gcc libc6-dev) are installed with apt-get (via sudo when not root); apt-get update
 # runs only if one of them is unknown to apt.  Environment overrides:
 #   GUEST_KERNEL_VERSION=6.1.0-56-amd64   pick the kernel package explicitly
 #   GUEST_KERNEL_DEB=/path/linux-image-...deb   use this .deb, no download
@@ -36,7 +39,8 @@ die() { log "ERROR: $*"; exit 1; }
 if [[ ${FORCE:-0} != 1 && -f $OUTDIR/bzImage && -f $OUTDIR/initramfs.cpio.gz ]]; then
 	uptodate=1
 	for out in "$OUTDIR/bzImage" "$OUTDIR/initramfs.cpio.gz"; do
-		for src in "${BASH_SOURCE[0]}" "$INIT_SRC"; do
+		for src in "${BASH_SOURCE[0]}" "$INIT_SRC" "$SCRIPT_DIR"/progs/*; do
+			[[ -e $src ]] || continue
 			[[ $out -nt $src ]] || uptodate=0
 		done
 	done
@@ -78,7 +82,7 @@ ensure_packages() {
 	"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
 		apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${missing[@]}"
 }
-ensure_packages qemu-system-x86 fio busybox-static cpio xz-utils zstd e2fsprogs
+ensure_packages qemu-system-x86 fio busybox-static cpio xz-utils zstd e2fsprogs gcc libc6-dev
 
 # ---- guest kernel ---------------------------------------------------------
 CACHE=$OUTDIR/cache
@@ -210,6 +214,15 @@ printf 'root:x:0:\n' >"$ROOT/etc/group"
 if command -v ldconfig >/dev/null 2>&1; then
 	ldconfig -r "$ROOT" 2>/dev/null || log "WARNING: ldconfig -r failed (ld.so default paths still apply)"
 fi
+
+# ---- guest programs (guest-tests/progs/*.c -> /usr/bin/NAME, static) -------
+for src in "$SCRIPT_DIR"/progs/*.c; do
+	[[ -e $src ]] || continue
+	name=$(basename "$src" .c)
+	gcc -static -O2 -pthread -Wall -o "$ROOT/usr/bin/$name" "$src" ||
+		die "gcc failed for $src"
+	log "guest program: /usr/bin/$name"
+done
 
 # ---- kernel modules -------------------------------------------------------
 # Wanted modules in load order; their dependencies (from .modinfo depends=)
