@@ -15,7 +15,7 @@
 //!   per-page pin count (`GUP_PIN_COUNTING_BIAS` in the page refcount), read by
 //!   [`PinTracker::maybe_pinned`] like `folio_maybe_dma_pinned()`. The counters
 //!   live in lazily allocated 1 GiB chunks (2 MiB of counters each) for GPAs
-//!   below 1 TiB, and in a mutex-protected hash map above that.
+//!   below 128 TiB, and in a mutex-protected hash map above that.
 //! - Per virtqueue, a registry (a mutex-protected slab) of in-flight pins says
 //!   *by whom*: request id, direction, guest-physical ranges, start time. A
 //!   queue's mutex is taken by its own worker on pin/unpin and by other queues

@@ -20,9 +20,11 @@ use super::{Direction, GUEST_PAGE_SHIFT};
 /// Guest pages per chunk: 1 GiB of guest-physical memory (2^18 pages, 2 MiB of counters).
 const CHUNK_PAGE_SHIFT: u32 = 30 - GUEST_PAGE_SHIFT;
 const CHUNK_PAGES: u64 = 1 << CHUNK_PAGE_SHIFT;
-/// Chunks in the direct table: GPAs below 1 TiB.
-const NUM_CHUNKS: usize = 1024;
-/// First guest page not covered by the direct table (GPA 1 TiB >> 12).
+/// Chunks in the direct table: GPAs below 128 TiB (47 bits: guest RAM, and
+/// libblkio, whose IOVAs are its own virtual addresses). The table itself is
+/// 3 MiB; a chunk's counters are allocated when a page of it is first pinned.
+const NUM_CHUNKS: usize = 1 << 17;
+/// First guest page not covered by the direct table (GPA 128 TiB >> 12).
 pub(crate) const DIRECT_PAGES: u64 = (NUM_CHUNKS as u64) << CHUNK_PAGE_SHIFT;
 
 /// Mask of the `DeviceWrite` count in a page word.
@@ -72,7 +74,7 @@ pub(crate) fn touches_of(ranges: &[GuestRange], page: u64) -> u64 {
 enum Run<'a> {
     /// Consecutive guest pages starting at the given page, all in one chunk.
     Direct(u64, &'a [AtomicU64]),
-    /// One guest page at or above 1 TiB (hash-map fallback).
+    /// One guest page at or above 128 TiB (hash-map fallback).
     High(u64),
 }
 
@@ -80,7 +82,7 @@ enum Run<'a> {
 pub(crate) struct PageCounts {
     /// Direct table, indexed by GPA >> 30; each chunk has one word per guest page.
     chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
-    /// Guest pages at or above 1 TiB: page -> word (absent = 0). Correctness
+    /// Guest pages at or above 128 TiB: page -> word (absent = 0). Correctness
     /// over speed: no guest we serve has RAM there in practice.
     high: Mutex<HashMap<u64, u64>>,
 }
@@ -99,7 +101,7 @@ impl PageCounts {
 
     /// Calls `f` for every run of direct-table pages of `ranges` inside one
     /// chunk ([`Run::Direct`]; chunks are allocated first if `alloc`, skipped if
-    /// absent otherwise), then for every page at or above 1 TiB ([`Run::High`]).
+    /// absent otherwise), then for every page at or above 128 TiB ([`Run::High`]).
     /// Stops when `f` breaks.
     fn runs<'a>(
         &'a self,

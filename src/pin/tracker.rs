@@ -586,7 +586,7 @@ impl PinTracker {
     /// negatives); `true` means some pin, possibly the caller's own, holds one
     /// of those pages (pages count whole: disjoint sub-page ranges in one page
     /// share its count, a false positive at byte level).
-    /// O(pages) atomic loads, no lock, no allocation (below 1 TiB).
+    /// O(pages) atomic loads, no lock, no allocation (below 128 TiB).
     pub fn maybe_pinned(&self, ranges: &[GuestRange], dir: Option<Direction>) -> bool {
         let mut found = false;
         self.pages.visit_pinned(ranges, |_, word| {
