@@ -591,11 +591,7 @@ impl PinTracker {
         let mut found = false;
         self.pages.visit_pinned(ranges, |_, word| {
             let (w, r) = pages::split(word);
-            found = match dir {
-                None => true,
-                Some(Direction::DeviceWrite) => w > 0,
-                Some(Direction::DeviceRead) => r > 0,
-            };
+            found = pinned_in(w, r, dir);
             if found {
                 ControlFlow::Break(())
             } else {
@@ -712,11 +708,7 @@ impl PinTracker {
             } else {
                 own.saturating_sub(pages::touches_of(ranges, page))
             };
-            found = match dir {
-                None => w > 0 || r > 0,
-                Some(Direction::DeviceWrite) => w > 0,
-                Some(Direction::DeviceRead) => r > 0,
-            };
+            found = pinned_in(w, r, dir);
             if found {
                 ControlFlow::Break(())
             } else {
@@ -884,5 +876,15 @@ impl PinTracker {
             .load(Ordering::Relaxed)
             .max(c.pinned_pages);
         c
+    }
+}
+
+/// Whether a page with `w` DeviceWrite and `r` DeviceRead pins is pinned in
+/// direction `dir` (either direction when `None`).
+fn pinned_in(w: u64, r: u64, dir: Option<Direction>) -> bool {
+    match dir {
+        None => w > 0 || r > 0,
+        Some(Direction::DeviceWrite) => w > 0,
+        Some(Direction::DeviceRead) => r > 0,
     }
 }
