@@ -86,6 +86,10 @@ for nq in $QUEUES; do
 	stop_pinblk || src=$?
 	counters=$(grep -o 'stopped; counters: .*' "$dir/pinblk.log" | tail -1 || true)
 	say "pinblk: ${counters:-no final counters (exit $src)}"
+	if [[ -z $QUIET ]]; then
+		say "--- pinblk report $dir/report.jsonl ---"
+		"$PINBLK" report "$dir/report.jsonl" >&2 || true
+	fi
 	# fio never touches a buffer in flight: any report event is a pinblk bug.
 	nevents=$(grep -c . "$dir/report.jsonl" 2>/dev/null || true)
 	if [[ ${nevents:-0} -ne 0 ]]; then

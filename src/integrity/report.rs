@@ -14,8 +14,9 @@
 //! `rule` (`R1` | `R2` | `R3` | `R4` | `long_term`), `outcome`
 //! (`submitted_bytes` | `later_bytes` | `neither`: what reached the disk after
 //! a torn write), `policy` (`passthrough` | `bounce` | `stall` | `fail`),
-//! `action` (what was done: e.g. `reported`, `eio`, `bounced`, `stalled`,
-//! `failed`, `recovered`), `stall_us` (microseconds), `pin_direction`
+//! `action` (what was done: for conflicts `passthrough`, `bounce`, `stall`,
+//! `stall_timeout_bounce`, `fail`; for checksum failures `report`, `eio`;
+//! for torn writes `zero_copy`), `stall_us` (microseconds), `pin_direction`
 //! (`DeviceWrite` | `DeviceRead`), `pin_age_us` (microseconds),
 //! `overlapping` (request ids), `guest_ranges` (`"0xGPA+0xLEN"`, bytes),
 //! `detail` (free text).

@@ -154,7 +154,8 @@ pub fn kind_explanation(kind: EventKind) -> &'static str {
              checksum at submission differs from checksum at completion). `outcome` says what \
              reached the disk. The stored checksum is the submitted one, so a later read of that \
              block fails verification. The guest is modifying pages under DMA (a stable-pages \
-             bug or an O_DIRECT scribbler); --bounce always or --policy stall prevents it."
+             bug or an O_DIRECT scribbler). Only --bounce always prevents it: a scribbled \
+             buffer is pinned by no other request, so no policy sees a conflict to act on."
         }
         EventKind::Recovered => {
             "recovered: after an unclean shutdown (crash, kill -9) the block's data did not match \
@@ -164,8 +165,9 @@ pub fn kind_explanation(kind: EventKind) -> &'static str {
         EventKind::Conflict => {
             "conflict: a request touched guest pages that were still pinned for DMA by another \
              request (R1: write from pages a read is filling; R2: read into pages a write is \
-             sending; long_term: a long-term pin). `action` says what the policy did: reported \
-             (passthrough), bounced, stalled, or failed (EIO)."
+             sending; long_term: a long-term pin). `action` says what the policy did: \
+             passthrough (zero-copy, only reported), bounce, stall (waited for the unpin; \
+             stall_us), stall_timeout_bounce, or fail (the guest got an I/O error)."
         }
     }
 }
