@@ -79,8 +79,15 @@ ensure_packages() {
 			break
 		fi
 	done
-	"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-		apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${missing[@]}"
+	local install=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive
+		apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${missing[@]}")
+	if ! "${install[@]}"; then
+		# Stale package lists give 404s: refresh once and retry.
+		log "apt-get install failed; running apt-get update and retrying"
+		"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+			apt-get -o DPkg::Lock::Timeout=600 update
+		"${install[@]}"
+	fi
 }
 ensure_packages qemu-system-x86 fio busybox-static cpio xz-utils zstd e2fsprogs gcc libc6-dev
 
@@ -113,7 +120,13 @@ if [[ -z $KDEB ]]; then
 			log "downloading linux-image-$KVER_PKG"
 			# apt-get download writes into the current directory.  As root it
 			# warns that the _apt sandbox user cannot write there; harmless.
-			if (cd "$CACHE" && apt-get download "linux-image-$KVER_PKG" >&2); then
+			if (cd "$CACHE" && apt-get download "linux-image-$KVER_PKG" >&2) ||
+				{
+					log "apt-get download failed; running apt-get update and retrying"
+					"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+						apt-get -o DPkg::Lock::Timeout=600 update >&2
+					(cd "$CACHE" && apt-get download "linux-image-$KVER_PKG" >&2)
+				}; then
 				KDEB=$(find "$CACHE" -maxdepth 1 -name "linux-image-${KVER_PKG}_*.deb" | sort -V | tail -n1)
 			else
 				log "WARNING: apt-get download linux-image-$KVER_PKG failed"
