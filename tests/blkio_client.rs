@@ -220,3 +220,75 @@ fn print_capabilities_answers_as_vhost_user_json_asks() {
         .collect();
     assert!(f.contains(&"read-only-mode") && f.contains(&"blk-file"));
 }
+
+/// Not a test on its own: the client process that
+/// `killed_client_does_not_take_pinblk_down` starts and kills with SIGKILL
+/// in the middle of its I/O.
+#[test]
+#[ignore = "run as a child process by killed_client_does_not_take_pinblk_down"]
+fn child_client_writes_until_killed() {
+    let Ok(socket) = std::env::var("PINBLK_CHILD_SOCKET") else {
+        return;
+    };
+    let mut c = Client::connect(std::path::Path::new(&socket), 2, 4 * MIB as usize).unwrap();
+    println!("child connected");
+    let mut i = 0u64;
+    loop {
+        for q in 0..2 {
+            for k in 0..16u64 {
+                let p = c.ptr(((q as u64 * 16 + k) * 65536) as usize);
+                c.queues[q].write(((i + k) % 128) * 65536, p, 65536, 0, ReqFlags::empty());
+            }
+        }
+        for q in 0..2 {
+            for _ in 0..16 {
+                assert_eq!(c.wait(q), 0);
+            }
+        }
+        i += 16;
+    }
+}
+
+#[test]
+fn killed_client_does_not_take_pinblk_down() {
+    let srv = Server::start(16 * MIB, &["--num-queues", "2"]);
+    for round in 0..3 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_client_writes_until_killed",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("PINBLK_CHILD_SOCKET", &srv.socket)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until it is connected and writing, then SIGKILL it mid-I/O.
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("child connected") {
+            line.clear();
+            assert!(
+                std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+                "child exited early"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // pinblk drains what was in flight and listens again.
+        let mut c = Client::connect(&srv.socket, 2, MIB as usize).unwrap_or_else(|e| {
+            panic!(
+                "round {round}: reconnect after a killed client: {e:?}\n{}",
+                srv.log_text()
+            )
+        });
+        c.buf()[..4096].copy_from_slice(&pattern(round, 4096));
+        assert_eq!(c.write(1, 200 * 65536, 0, 4096), 0);
+        assert_eq!(c.read(0, 200 * 65536, 4096, 4096), 0);
+        assert_eq!(&c.buf()[4096..8192], &pattern(round, 4096)[..]);
+    }
+    let log = srv.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
