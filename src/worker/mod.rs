@@ -171,6 +171,8 @@ pub struct QueueWorker {
     rng: fastrand::Rng,
     /// Reused buffer for copies of guest data being checksummed.
     scratch: Vec<u8>,
+    /// Reused buffer of (user_data, result) of reaped CQEs.
+    cqes: Vec<(u64, i32)>,
 }
 
 /// Errors creating a worker.
@@ -238,6 +240,7 @@ impl QueueWorker {
             timer_pending: false,
             rng: fastrand::Rng::new(),
             scratch: Vec::new(),
+            cqes: Vec::new(),
         })
     }
 
@@ -853,19 +856,19 @@ impl QueueWorker {
 
     /// Reaps every available CQE.
     fn reap(&mut self) {
+        // Reused between calls: no allocation per batch.
+        let mut cqes = std::mem::take(&mut self.cqes);
         loop {
-            let cqes: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
+            cqes.clear();
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             if cqes.is_empty() {
                 break;
             }
-            for (ud, res) in cqes {
+            for &(ud, res) in &cqes {
                 self.on_cqe(ud, res);
             }
         }
+        self.cqes = cqes;
     }
 
     fn on_cqe(&mut self, user_data: u64, res: i32) {
