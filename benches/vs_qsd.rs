@@ -777,7 +777,7 @@ fn machine() -> String {
 
 /// UTC date and time to the minute, "YYYY-MM-DD HH:MM UTC".
 fn now_utc() -> String {
-    let (t, _) = pinblk::integrity::report::now();
+    let (t, _) = pinblk::report::now();
     format!("{} {} UTC", &t[..10], &t[11..16])
 }
 

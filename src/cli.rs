@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::worker::integrity::OnMismatch;
-use crate::worker::policy::{BounceMode, Policy};
+use crate::integrity::OnMismatch;
+use crate::pin::policy::{BounceMode, Policy};
 
 /// A switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

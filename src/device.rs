@@ -5,13 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-use crate::integrity::report::ReportWriter;
 use crate::integrity::ChecksumStore;
+use crate::integrity::OnMismatch;
+use crate::pin::policy::PolicyConfig;
 use crate::pin::PinTracker;
+use crate::report::ReportWriter;
 use crate::storage::Image;
-use crate::transport::config::DeviceConfig;
-use crate::worker::integrity::OnMismatch;
-use crate::worker::policy::PolicyConfig;
+use crate::virtio_blk::config::DeviceConfig;
 
 /// Counters of one virtqueue. Each queue has its own, so queues never share a
 /// cache line on the hot path; [`Device::counters`] sums them.

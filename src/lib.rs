@@ -1,19 +1,36 @@
 //! pinblk: a vhost-user-blk backend that does DMA straight into and out of
 //! guest memory and models the Linux kernel's pinned-page machinery around it.
 //!
-//! Layout, one concern per module:
-//! - [`transport`]: vhost-user protocol and virtio-blk wire format (descriptor
-//!   chains, config space, features).
-//! - [`worker`]: the per-virtqueue data path from descriptor chain to io_uring and back.
-//! - [`storage`]: the image file.
-//! - [`pin`]: the pinned-DMA model (pin tracker, conflict detection).
+//! Layout (docs/DESIGN.md §7), one concern per module; a module imports only
+//! modules below it in this list (`ci/check-layers` enforces it):
+//! - [`guest`], [`rule`]: the shared vocabulary (guest-physical ranges,
+//!   sectors, guest pages; the detection rules R1–R4).
+//! - [`virtio_blk`]: the virtio-blk wire format: a descriptor chain parsed
+//!   into a typed request, the config space and feature bits.
+//! - [`storage`]: the image and the storage engines that move data between
+//!   it and guest memory (io_uring, null, a fake for tests).
+//! - [`pin`]: the pinned-DMA model (pin tracker, conflict detection, policy).
 //! - [`integrity`]: per-block checksums of every write and their store.
-//! - [`device`]: per-device state and counters.
+//! - [`report`]: report events (JSON Lines, human lines, counters, summary).
+//! - [`device`]: one served device: options, state and counters.
+//! - [`worker`]: the per-virtqueue data path, a state machine per request.
+//! - [`vhost`]: the vhost-user side: backend, socket, connections.
+//! - [`cli`]: the command line (only `main` uses it).
 
-pub mod cli;
-pub mod device;
+pub mod guest;
+pub mod rule;
+
 pub mod integrity;
 pub mod pin;
 pub mod storage;
-pub mod transport;
+pub mod virtio_blk;
+
+pub mod report;
+
+pub mod device;
+
 pub mod worker;
+
+pub mod vhost;
+
+pub mod cli;

@@ -9,11 +9,11 @@ use pinblk::device::Device;
 use std::path::Path;
 
 use pinblk::cli::{Checksum, OnOff};
-use pinblk::integrity::report::{EventKind, ReportEvent, ReportOp, ReportWriter};
 use pinblk::integrity::{default_store_path, ChecksumStore, StoreOptions};
+use pinblk::pin::policy::{BounceMode, PolicyConfig};
+use pinblk::report::{EventKind, ReportEvent, ReportOp, ReportWriter};
 use pinblk::storage::{Image, ImageOptions};
-use pinblk::transport::config::DeviceConfig;
-use pinblk::worker::policy::{BounceMode, PolicyConfig};
+use pinblk::virtio_blk::config::DeviceConfig;
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     let image = Image::open(
@@ -82,7 +82,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         );
     }
     let dev = Arc::new(dev);
-    pinblk::transport::server::serve(dev.clone(), &args.socket, args.max_connections)
+    pinblk::vhost::server::serve(dev.clone(), &args.socket, args.max_connections)
         .map_err(|e| e.to_string())?;
     log::info!("stopped; counters: {}", dev.counters_json());
     // Every connection is gone: the device is ours alone again.
@@ -153,7 +153,7 @@ fn open_store(args: &ServeArgs, dev: &Device) -> Result<Option<ChecksumStore>, S
 }
 
 fn report(path: &Path) -> Result<(), String> {
-    let summary = pinblk::integrity::summary::summarize(path).map_err(|e| e.to_string())?;
+    let summary = pinblk::report::summary::summarize(path).map_err(|e| e.to_string())?;
     println!("{summary}");
     Ok(())
 }

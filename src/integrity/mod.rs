@@ -14,13 +14,9 @@
 //!   block and its file beside the image (`IMAGE.pinsum`), durable at FLUSH,
 //!   recovered after an unclean shutdown.
 //! - [`scrub`] (`scrub.rs`): offline verification of a whole image.
-//! - [`report`]: JSON Lines report events, the human log line, counters.
-//! - [`summary`]: reading a report back for `pinblk report PATH`.
 
-pub mod report;
 mod scrub;
 mod store;
-pub mod summary;
 
 #[cfg(test)]
 mod tests;
@@ -32,6 +28,15 @@ pub use store::{
 };
 
 use std::sync::OnceLock;
+
+/// `--on-mismatch`: what a READ gets when a block fails verification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnMismatch {
+    /// Report the checksum failure; the READ completes with the data.
+    Report,
+    /// Report it and complete the READ with VIRTIO_BLK_S_IOERR (as btrfs and dm-integrity do).
+    Eio,
+}
 
 /// Size of one checksum block, in bytes (4 KiB).
 pub const BLOCK_SIZE: u64 = 4096;

@@ -5,12 +5,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::report::{
+use super::*;
+use crate::report::summary::{summarize, summarize_events};
+use crate::report::{
     gpa_range, human_line, read_report, rfc3339, EventKind, Outcome, ReportEvent, ReportOp,
     ReportWriter, Rule,
 };
-use super::summary::{summarize, summarize_events};
-use super::*;
 
 /// A temporary image file with pseudo-random content.
 struct Img {

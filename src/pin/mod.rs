@@ -39,6 +39,7 @@
 //! See [`PinTracker`] for long-term pins and for the non-blocking stall support.
 
 mod pages;
+pub mod policy;
 mod tracker;
 
 #[cfg(test)]
@@ -48,10 +49,8 @@ pub use tracker::{
     PagePins, PinConflict, PinCounters, PinHandle, PinRef, PinTracker, PinnedBy, Waker,
 };
 
-/// log2 of the guest page size: a guest page is named by its guest-physical address >> 12.
-pub const GUEST_PAGE_SHIFT: u32 = 12;
-/// Size of a guest page in bytes (4 KiB), the unit of all pin counters.
-pub const GUEST_PAGE_SIZE: u64 = 1 << GUEST_PAGE_SHIFT;
+pub use crate::guest::{GUEST_PAGE_SHIFT, GUEST_PAGE_SIZE};
+pub use crate::rule::Rule;
 
 /// Direction of the DMA a pin covers, named from the device's side.
 ///
@@ -73,37 +72,6 @@ impl Direction {
         match self {
             Direction::DeviceWrite => "DeviceWrite",
             Direction::DeviceRead => "DeviceRead",
-        }
-    }
-}
-
-/// The DESIGN.md detection rule a [`PinConflict`] falls under.
-///
-/// Serialized as `"R1"`, `"R2"` and `"long_term"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum Rule {
-    /// R1: a new WRITE whose source pages overlap the destination of an
-    /// in-flight READ (a [`Direction::DeviceWrite`] pin that is not long-term).
-    /// Kernel counterpart: writeback of a page that `folio_maybe_dma_pinned()`.
-    R1,
-    /// R2: a new READ whose destination pages overlap the source of an
-    /// in-flight WRITE (a [`Direction::DeviceRead`] pin).
-    R2,
-    /// A WRITE touching a long-term-pinned page of either direction (a pin older
-    /// than the tracker's `longterm_after`, or registered with
-    /// [`PinTracker::pin_longterm`]). Kernel counterpart: FOLL_LONGTERM pins
-    /// (RDMA, io_uring fixed buffers), the case Jan Kara's bounce patch targets.
-    #[serde(rename = "long_term")]
-    LongTerm,
-}
-
-impl Rule {
-    /// Name used in logs and reports: "R1", "R2" or "long_term".
-    pub fn name(&self) -> &'static str {
-        match self {
-            Rule::R1 => "R1",
-            Rule::R2 => "R2",
-            Rule::LongTerm => "long_term",
         }
     }
 }

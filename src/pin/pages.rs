@@ -13,7 +13,7 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use crate::transport::request::GuestRange;
+use crate::guest::GuestRange;
 
 use super::{Direction, GUEST_PAGE_SHIFT};
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::transport::request::GuestRange;
+use crate::guest::GuestRange;
 
 use super::pages::{self, PageCounts};
 use super::{Direction, Rule, GUEST_PAGE_SHIFT, GUEST_PAGE_SIZE};

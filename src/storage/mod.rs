@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::transport::request::SECTOR_SIZE;
+use crate::guest::SECTOR_SIZE;
 
 /// Errors opening or preparing the image.
 #[derive(Debug, thiserror::Error)]

@@ -9,18 +9,11 @@ use std::os::unix::fs::FileExt;
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 use super::{emit, InFlight, QueueWorker};
-use crate::integrity::report::{gpa_range, EventKind, Outcome, ReportEvent, ReportOp, Rule};
+use crate::guest::{read_ranges, SECTOR_SIZE};
+use crate::integrity::OnMismatch;
 use crate::integrity::{crc32c, BLOCK_SIZE};
-use crate::transport::request::{read_ranges, RequestType, SECTOR_SIZE};
-
-/// `--on-mismatch`: what a READ gets when a block fails verification.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum OnMismatch {
-    /// Report the checksum failure; the READ completes with the data.
-    Report,
-    /// Report it and complete the READ with VIRTIO_BLK_S_IOERR (as btrfs and dm-integrity do).
-    Eio,
-}
+use crate::report::{gpa_range, EventKind, Outcome, ReportEvent, ReportOp, Rule};
+use crate::virtio_blk::chain::RequestType;
 
 /// CRC32C of each 4 KiB chunk of `data` (the last chunk may be shorter).
 fn chunk_crcs(data: &[u8]) -> Vec<u32> {

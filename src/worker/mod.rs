@@ -8,7 +8,6 @@
 //! vhost-user worker thread; it shares nothing mutable with other queues.
 
 pub mod integrity;
-pub mod policy;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -21,25 +20,18 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::QueueT;
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Device, QueueCounters};
-use crate::integrity::report::{gpa_range, EventKind, ReportEvent, ReportOp, Rule as ReportRule};
+use crate::guest::{read_ranges, write_ranges, GuestRange, SECTOR_SIZE};
+pub use crate::guest::{GuestMem, GuestMemAtomic};
+use crate::pin::policy::{decide, Action, NoStall};
 use crate::pin::{Direction, PinConflict, PinHandle, PinRef, Rule as PinRule};
-use crate::transport::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
-use crate::transport::request::{
-    parse_chain, read_ranges, write_ranges, GuestRange, Request, RequestType, ID_LEN, SECTOR_SIZE,
-    SEGMENT_LEN,
-};
-use policy::{decide, Action, NoStall};
+use crate::report::{gpa_range, EventKind, ReportEvent, ReportOp, Rule as ReportRule};
+use crate::virtio_blk::chain::{parse_chain, Request, RequestType, ID_LEN, SEGMENT_LEN};
+use crate::virtio_blk::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 
-/// Guest memory as pinblk maps it (no dirty bitmap).
-pub type GuestMem = GuestMemoryMmap<()>;
-/// The shared, replaceable guest memory handle vhost-user-backend gives us.
-pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 /// A vring as vhost-user-backend hands it to the worker.
 pub type Vring = VringRwLock<GuestMemAtomic>;
 

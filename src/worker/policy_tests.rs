@@ -22,16 +22,16 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
-use super::policy::{Policy, PolicyConfig};
 use super::test_util::{
     device, fill, guest_memory, image_bytes, image_file, pattern, peek, report_lines, vring,
     Driver, Io, IMAGE_SIZE, IOERR, OK,
 };
 use super::{GuestMem, QueueWorker, Vring};
 use crate::device::Device;
-use crate::integrity::report::ReportWriter;
+use crate::guest::GuestRange;
+use crate::pin::policy::{Policy, PolicyConfig};
 use crate::pin::{Direction, PinHandle, PinTracker};
-use crate::transport::request::GuestRange;
+use crate::report::ReportWriter;
 
 /// Where each queue's descriptor table and rings are.
 const RINGS: [u64; 2] = [0x0, 0x1_0000];

@@ -24,7 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use super::{GuestMem, GuestMemAtomic, Vring};
 use crate::device::Device;
 use crate::storage::{Image, ImageOptions};
-use crate::transport::config::DeviceConfig;
+use crate::virtio_blk::config::DeviceConfig;
 
 /// Guest memory size: 16 MiB at guest-physical 0.
 pub(crate) const MEM_SIZE: u64 = 0x100_0000;

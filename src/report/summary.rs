@@ -7,8 +7,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::report::{read_report, EventKind, ReportEvent};
-use super::IntegrityError;
+use super::ReportError;
+use super::{read_report, EventKind, ReportEvent};
 
 /// How many LBAs [`Summary::worst`] lists at most.
 pub const WORST_LBAS: usize = 10;
@@ -65,9 +65,9 @@ pub struct Summary {
 /// Reads the report at `path` and summarizes it.
 ///
 /// # Errors
-/// [`IntegrityError::Io`] if the file cannot be read (malformed lines are
+/// [`ReportError::Io`] if the file cannot be read (malformed lines are
 /// counted, not errors).
-pub fn summarize(path: &Path) -> Result<Summary, IntegrityError> {
+pub fn summarize(path: &Path) -> Result<Summary, ReportError> {
     let (events, bad) = read_report(path)?;
     let mut s = summarize_events(&events);
     s.malformed_lines = bad;

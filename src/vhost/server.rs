@@ -13,7 +13,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::device::Device;
-use crate::transport::backend::BlkBackend;
+use crate::vhost::backend::BlkBackend;
 
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]

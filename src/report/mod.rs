@@ -32,7 +32,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::{hex_crc, IntegrityError, ALGORITHM_NAME, SECTORS_PER_BLOCK};
+use crate::integrity::{hex_crc, ALGORITHM_NAME, SECTORS_PER_BLOCK};
+
+pub mod summary;
+
+/// Errors opening or reading a report file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// The report file cannot be opened, read or written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The report file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -216,7 +234,7 @@ impl ReportEvent {
         ReportEvent {
             block: Some(block),
             sector: Some(block * SECTORS_PER_BLOCK),
-            length: Some(super::BLOCK_SIZE),
+            length: Some(crate::integrity::BLOCK_SIZE),
             algorithm: Some(ALGORITHM_NAME.to_string()),
             expected: Some(hex_crc(expected)),
             found: Some(hex_crc(found)),
@@ -432,15 +450,15 @@ impl ReportWriter {
     /// counting when `path` is `None`.
     ///
     /// # Errors
-    /// [`IntegrityError::Io`] if the file cannot be opened for appending.
-    pub fn open(path: Option<&Path>) -> Result<ReportWriter, IntegrityError> {
+    /// [`ReportError::Io`] if the file cannot be opened for appending.
+    pub fn open(path: Option<&Path>) -> Result<ReportWriter, ReportError> {
         let out = match path {
             Some(p) => Some(Mutex::new(BufWriter::new(
                 OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|source| IntegrityError::Io {
+                    .map_err(|source| ReportError::Io {
                         what: "open report",
                         path: p.to_path_buf(),
                         source,
@@ -494,9 +512,9 @@ impl ReportWriter {
 /// number of non-empty lines that did not (e.g. a line cut short by a crash).
 ///
 /// # Errors
-/// [`IntegrityError::Io`] if the file cannot be read.
-pub fn read_report(path: &Path) -> Result<(Vec<ReportEvent>, u64), IntegrityError> {
-    let bytes = std::fs::read(path).map_err(|source| IntegrityError::Io {
+/// [`ReportError::Io`] if the file cannot be read.
+pub fn read_report(path: &Path) -> Result<(Vec<ReportEvent>, u64), ReportError> {
+    let bytes = std::fs::read(path).map_err(|source| ReportError::Io {
         what: "read report",
         path: path.to_path_buf(),
         source,

@@ -9,7 +9,6 @@
 //! ranges ([`GuestRange`]) so that the pin model sees it before it becomes
 //! host iovecs.
 
-use std::fmt;
 use std::ops::Deref;
 
 use virtio_bindings::bindings::virtio_blk::{
@@ -17,7 +16,11 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+#[cfg(test)]
+use crate::guest::write_ranges;
+use crate::guest::{read_ranges, take_ranges, GuestRange};
+use vm_memory::{GuestAddress, GuestMemory};
 
 /// Size in bytes of `struct virtio_blk_outhdr` (type, reserved/ioprio, sector).
 pub const OUTHDR_LEN: usize = 16;
@@ -25,32 +28,8 @@ pub const OUTHDR_LEN: usize = 16;
 pub const SEGMENT_LEN: usize = 16;
 /// Size in bytes of the GET_ID answer (virtio 1.2 §5.2.6: 20 bytes, not NUL-terminated if full).
 pub const ID_LEN: usize = 20;
-/// A virtio-blk sector: always 512 bytes, whatever the logical block size.
-pub const SECTOR_SIZE: u64 = 512;
 /// Upper bound on descriptors in one chain we accept (the iovec limit, `IOV_MAX`).
 pub const MAX_SEGMENTS: usize = 1024;
-
-/// One contiguous guest-physical buffer: `len` bytes starting at guest-physical address `addr`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GuestRange {
-    /// Guest-physical address of the first byte.
-    pub addr: u64,
-    /// Length in bytes (never 0 in a parsed request).
-    pub len: u32,
-}
-
-impl GuestRange {
-    /// Guest-physical address one past the last byte.
-    pub fn end(&self) -> u64 {
-        self.addr + u64::from(self.len)
-    }
-}
-
-impl fmt::Display for GuestRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}+{:#x}", self.addr, self.len)
-    }
-}
 
 /// The request types of virtio 1.2 §5.2.6 that pinblk knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,61 +140,6 @@ pub struct BadRequest {
     pub status_addr: Option<GuestAddress>,
     /// What is wrong with the chain.
     pub error: ParseError,
-}
-
-/// Takes `len` bytes from the front of a list of ranges, returning them as ranges.
-fn take_ranges(ranges: &[GuestRange], mut skip: u64, mut len: u64) -> Vec<GuestRange> {
-    let mut out = Vec::new();
-    for r in ranges {
-        if len == 0 {
-            break;
-        }
-        let rlen = u64::from(r.len);
-        if skip >= rlen {
-            skip -= rlen;
-            continue;
-        }
-        let n = (rlen - skip).min(len);
-        out.push(GuestRange {
-            addr: r.addr + skip,
-            len: n as u32,
-        });
-        len -= n;
-        skip = 0;
-    }
-    out
-}
-
-/// Reads `buf.len()` bytes starting at byte `offset` of a list of guest ranges.
-pub fn read_ranges<M: GuestMemory + ?Sized>(
-    mem: &M,
-    ranges: &[GuestRange],
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut done = 0usize;
-    for r in take_ranges(ranges, offset, buf.len() as u64) {
-        let n = r.len as usize;
-        mem.read_slice(&mut buf[done..done + n], GuestAddress(r.addr))?;
-        done += n;
-    }
-    Ok(())
-}
-
-/// Writes `buf` starting at byte `offset` of a list of guest ranges.
-pub fn write_ranges<M: GuestMemory + ?Sized>(
-    mem: &M,
-    ranges: &[GuestRange],
-    offset: u64,
-    buf: &[u8],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut done = 0usize;
-    for r in take_ranges(ranges, offset, buf.len() as u64) {
-        let n = r.len as usize;
-        mem.write_slice(&buf[done..done + n], GuestAddress(r.addr))?;
-        done += n;
-    }
-    Ok(())
 }
 
 /// Parses one descriptor chain into a [`Request`].
@@ -366,6 +290,7 @@ mod tests {
     use crate::worker::GuestMem as Mem;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Bytes;
 
     const HDR: u64 = 0x1_0000;
     const DATA: u64 = 0x2_0000;

@@ -96,7 +96,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        crate::transport::config::DeviceConfig::protocol_features()
+        crate::virtio_blk::config::DeviceConfig::protocol_features()
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -1,0 +1,132 @@
+//! The vocabulary every part of pinblk shares: guest-physical buffers and
+//! the units of a block device.
+//!
+//! Units (docs/DESIGN.md §1):
+//! - **guest-physical address (GPA)**: an address in the guest's physical
+//!   memory, as descriptors carry it; [`GuestRange`] is a run of them.
+//! - **host-virtual address**: where that memory is mapped in pinblk; only the
+//!   storage engine and the integrity checks ever hold one.
+//! - **sector**: 512 bytes, virtio-blk's and dm-integrity's unit for every
+//!   LBA, whatever the logical block size ([`SECTOR_SIZE`], [`Sector`]).
+//! - **guest page**: 4 KiB of guest-physical memory, the unit of pins
+//!   ([`GUEST_PAGE_SIZE`]).
+
+use std::fmt;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Guest memory as pinblk maps it (no dirty bitmap).
+pub type GuestMem = GuestMemoryMmap<()>;
+/// The shared, replaceable guest memory handle vhost-user-backend hands out
+/// (replaced on every SET_MEM_TABLE / ADD_MEM_REG).
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+
+/// A virtio-blk sector: always 512 bytes, whatever the logical block size.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// log2 of the guest page size: a guest page is named by its guest-physical address >> 12.
+pub const GUEST_PAGE_SHIFT: u32 = 12;
+/// Size of a guest page in bytes (4 KiB), the unit of all pin counters.
+pub const GUEST_PAGE_SIZE: u64 = 1 << GUEST_PAGE_SHIFT;
+
+/// A position on the device in 512-byte sectors (virtio 1.2 §5.2.6: the
+/// `sector` field of `virtio_blk_outhdr`), whatever the logical block size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Sector(pub u64);
+
+impl Sector {
+    /// The byte offset of this sector on the device (`sector * 512`).
+    /// Callers validate sectors against the capacity first, so this cannot
+    /// overflow for a validated sector (capacity < 2^55 sectors).
+    pub fn bytes(self) -> u64 {
+        self.0 * SECTOR_SIZE
+    }
+
+    /// The sector holding byte `offset` (rounded down).
+    pub fn from_bytes(offset: u64) -> Sector {
+        Sector(offset / SECTOR_SIZE)
+    }
+}
+
+impl fmt::Display for Sector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One contiguous guest-physical buffer: `len` bytes starting at guest-physical address `addr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestRange {
+    /// Guest-physical address of the first byte.
+    pub addr: u64,
+    /// Length in bytes (never 0 in a parsed request).
+    pub len: u32,
+}
+
+impl GuestRange {
+    /// Guest-physical address one past the last byte.
+    pub fn end(&self) -> u64 {
+        self.addr + u64::from(self.len)
+    }
+}
+
+impl fmt::Display for GuestRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}+{:#x}", self.addr, self.len)
+    }
+}
+
+/// Takes `len` bytes from the front of a list of ranges, returning them as ranges.
+pub fn take_ranges(ranges: &[GuestRange], mut skip: u64, mut len: u64) -> Vec<GuestRange> {
+    let mut out = Vec::new();
+    for r in ranges {
+        if len == 0 {
+            break;
+        }
+        let rlen = u64::from(r.len);
+        if skip >= rlen {
+            skip -= rlen;
+            continue;
+        }
+        let n = (rlen - skip).min(len);
+        out.push(GuestRange {
+            addr: r.addr + skip,
+            len: n as u32,
+        });
+        len -= n;
+        skip = 0;
+    }
+    out
+}
+
+/// Reads `buf.len()` bytes starting at byte `offset` of a list of guest ranges.
+pub fn read_ranges<M: GuestMemory + ?Sized>(
+    mem: &M,
+    ranges: &[GuestRange],
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut done = 0usize;
+    for r in take_ranges(ranges, offset, buf.len() as u64) {
+        let n = r.len as usize;
+        mem.read_slice(&mut buf[done..done + n], GuestAddress(r.addr))?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Writes `buf` starting at byte `offset` of a list of guest ranges.
+pub fn write_ranges<M: GuestMemory + ?Sized>(
+    mem: &M,
+    ranges: &[GuestRange],
+    offset: u64,
+    buf: &[u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut done = 0usize;
+    for r in take_ranges(ranges, offset, buf.len() as u64) {
+        let n = r.len as usize;
+        mem.write_slice(&buf[done..done + n], GuestAddress(r.addr))?;
+        done += n;
+    }
+    Ok(())
+}
