@@ -78,9 +78,11 @@ impl RequestType {
     }
 }
 
-/// A parsed virtio-blk request: header fields plus its buffers as guest-physical ranges.
+/// A descriptor chain split into a virtio-blk request's parts: header fields
+/// plus its buffers as guest-physical ranges, not yet checked against the
+/// device (see [`crate::virtio_blk::request::parse`] for the typed request).
 #[derive(Clone, Debug)]
-pub struct Request {
+pub struct RawRequest {
     /// Head index of the descriptor chain (what goes into the used element).
     pub head: u16,
     /// Request type from the header.
@@ -91,8 +93,9 @@ pub struct Request {
     /// WRITE, DISCARD and WRITE_ZEROES; device-writable bytes before the status
     /// byte for READ and GET_ID.
     pub data: Vec<GuestRange>,
-    /// Total length of `data` in bytes.
-    pub data_len: u32,
+    /// Total length of `data` in bytes (a chain may add up to more than
+    /// 4 GiB; [`crate::virtio_blk::request::parse`] refuses that).
+    pub data_len: u64,
     /// Guest-physical address of the 1-byte status.
     pub status_addr: GuestAddress,
 }
@@ -142,7 +145,7 @@ pub struct BadRequest {
     pub error: ParseError,
 }
 
-/// Parses one descriptor chain into a [`Request`].
+/// Splits one descriptor chain into a [`RawRequest`].
 ///
 /// Checks only what the chain itself says (framing, addresses inside guest
 /// memory, header length); checks against the device (capacity, read-only,
@@ -151,7 +154,7 @@ pub struct BadRequest {
 /// # Errors
 /// A [`BadRequest`] naming the head index, the status byte if one was found,
 /// and the [`ParseError`].
-pub fn parse_chain<M>(chain: DescriptorChain<M>) -> Result<Request, BadRequest>
+pub fn parse_chain<M>(chain: &DescriptorChain<M>) -> Result<RawRequest, BadRequest>
 where
     M: Deref + Clone,
     M::Target: GuestMemory,
@@ -248,7 +251,7 @@ where
 
     // Data: device-readable bytes after the header, and all device-writable
     // bytes before the status. A request type uses one or the other; the
-    // caller rejects the wrong direction (see `Request::readable_extra`).
+    // caller rejects the wrong direction (`WrongDirection`).
     let readable_data = take_ranges(
         &readable,
         OUTHDR_LEN as u64,
@@ -260,11 +263,11 @@ where
     };
     let data_len: u64 = data.iter().map(|r| u64::from(r.len)).sum();
     let other_len: u64 = other.iter().map(|r| u64::from(r.len)).sum();
-    let req = Request {
+    let req = RawRequest {
         head,
         kind,
         sector,
-        data_len: data_len as u32,
+        data_len,
         data,
         status_addr,
     };
@@ -304,20 +307,20 @@ mod tests {
     }
 
     /// Parses the chain made of `descs` (direct descriptors, head at index 0).
-    fn parse(mem: &Mem, descs: &[D]) -> Result<Request, BadRequest> {
+    fn parse(mem: &Mem, descs: &[D]) -> Result<RawRequest, BadRequest> {
         let q = MockSplitQueue::new(mem, 16);
         let raws: Vec<RawDescriptor> = descs.iter().map(|&d| raw(d, 0, 0)).collect();
         let chain = q.build_desc_chain(&raws).unwrap();
         assert_eq!(chain.head_index(), 0);
-        parse_chain(chain)
+        parse_chain(&chain)
     }
 
     /// Parses a chain whose only direct descriptor points at an indirect table
     /// (at `TABLE`) holding `descs`.
-    fn parse_indirect(mem: &Mem, descs: &[D]) -> Result<Request, BadRequest> {
+    fn parse_indirect(mem: &Mem, descs: &[D]) -> Result<RawRequest, BadRequest> {
         let table = indirect_table(mem, TABLE, descs);
         let q = MockSplitQueue::new(mem, 16);
-        parse_chain(q.build_desc_chain(&[table]).unwrap())
+        parse_chain(&q.build_desc_chain(&[table]).unwrap())
     }
 
     fn ranges(v: &[(u64, u32)]) -> Vec<GuestRange> {
@@ -326,7 +329,7 @@ mod tests {
             .collect()
     }
 
-    fn bad(res: Result<Request, BadRequest>) -> BadRequest {
+    fn bad(res: Result<RawRequest, BadRequest>) -> BadRequest {
         match res {
             Ok(req) => panic!("parsed, expected an error: {req:?}"),
             Err(b) => b,
@@ -478,7 +481,7 @@ mod tests {
         let req = parse(&m, &[r(HDR, 16), w(DATA, ID_LEN as u32), w(STATUS, 1)]).unwrap();
         assert_eq!(req.kind, RequestType::GetId);
         assert_eq!(req.data, ranges(&[(DATA, ID_LEN as u32)]));
-        assert_eq!(req.data_len, ID_LEN as u32);
+        assert_eq!(req.data_len, ID_LEN as u64);
     }
 
     #[test]

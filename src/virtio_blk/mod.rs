@@ -4,3 +4,6 @@
 
 pub mod chain;
 pub mod config;
+pub mod request;
+
+pub use request::{parse, Command, Limits, Refused, Request, RequestError, Segment};

@@ -8,12 +8,14 @@ use std::os::unix::fs::FileExt;
 
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
-use super::{emit, InFlight, QueueWorker};
+use super::events::emit;
+use super::job::{Io, Job};
+use super::QueueWorker;
 use crate::guest::{read_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
 use crate::integrity::{crc32c, BLOCK_SIZE};
 use crate::report::{gpa_range, EventKind, Outcome, ReportEvent, ReportOp, Rule};
-use crate::virtio_blk::chain::RequestType;
+use crate::virtio_blk::Command;
 
 /// CRC32C of each 4 KiB chunk of `data` (the last chunk may be shorter).
 fn chunk_crcs(data: &[u8]) -> Vec<u32> {
@@ -23,8 +25,8 @@ fn chunk_crcs(data: &[u8]) -> Vec<u32> {
 impl QueueWorker {
     /// The bytes of `f`'s data buffer as they are now: its bounce buffer, or a
     /// copy of guest memory into the worker's scratch buffer.
-    fn data_now<'a>(scratch: &'a mut Vec<u8>, f: &'a InFlight) -> Option<&'a [u8]> {
-        if let Some(b) = &f.bounce {
+    fn data_now<'a>(scratch: &'a mut Vec<u8>, f: &'a Job) -> Option<&'a [u8]> {
+        if let Some(b) = f.bounce() {
             return Some(b.bytes());
         }
         let len = f.req.data_len as usize;
@@ -48,23 +50,28 @@ impl QueueWorker {
         if self.dev.store.is_none() {
             return;
         }
-        let f = self.slots[slot as usize].as_mut().expect("slot in use");
-        if f.req.kind != RequestType::Out {
+        let f = self.jobs.get_mut(slot).expect("slot in use");
+        if !f.is_write() {
             return;
         }
-        let crcs = Self::data_now(&mut self.scratch, f).map(chunk_crcs);
-        f.submitted_crcs = crcs.unwrap_or_default();
+        let crcs = Self::data_now(&mut self.scratch, f)
+            .map(chunk_crcs)
+            .unwrap_or_default();
+        if let Io::Transfer(t) = &mut f.io {
+            t.submitted_crcs = crcs;
+        }
     }
 
     /// At completion, before the used element is pushed.
-    pub(super) fn integrity_complete(&mut self, f: &mut InFlight) {
+    pub(super) fn integrity_complete(&mut self, f: &mut Job) {
         if self.dev.store.is_none() || f.status != VIRTIO_BLK_S_OK as u8 {
             return;
         }
-        if f.req.kind == RequestType::Out && f.bounce.is_none() && !f.submitted_crcs.is_empty() {
+        let submitted = f.transfer().map_or(0, |t| t.submitted_crcs.len());
+        if f.is_write() && f.bounce().is_none() && submitted > 0 {
             self.check_torn(f);
         }
-        if f.req.kind == RequestType::In {
+        if f.is_read() {
             self.verify_read(f);
             return;
         }
@@ -72,15 +79,15 @@ impl QueueWorker {
         let store = dev.store.as_ref().expect("checked above");
         let image = dev.image.file();
         let read_image = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
-        let offset = f.req.sector * SECTOR_SIZE;
+        let offset = f.req.sector().bytes();
         let len = u64::from(f.req.data_len);
-        let res = match f.req.kind {
-            RequestType::Out => {
+        let res = match (&f.req.command, &f.io) {
+            (Command::Write { .. }, Io::Transfer(t)) => {
                 let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
-                if aligned && f.submitted_crcs.len() as u64 == len / BLOCK_SIZE {
+                if aligned && t.submitted_crcs.len() as u64 == len / BLOCK_SIZE {
                     // The stored checksum is the submitted one (R3).
                     let first = offset / BLOCK_SIZE;
-                    f.submitted_crcs
+                    t.submitted_crcs
                         .iter()
                         .enumerate()
                         .try_for_each(|(i, &c)| store.set_expected(first + i as u64, c))
@@ -89,17 +96,18 @@ impl QueueWorker {
                     store.refresh_with(offset, len, read_image)
                 }
             }
-            RequestType::Flush => store
-                .flush()
-                .map_err(|e| crate::integrity::IntegrityError::Io {
-                    what: "flush checksum store",
-                    path: store.path().to_path_buf(),
-                    source: e,
-                }),
-            RequestType::Discard | RequestType::WriteZeroes => f
-                .segments
+            (Command::Flush, _) => {
+                store
+                    .flush()
+                    .map_err(|e| crate::integrity::IntegrityError::Io {
+                        what: "flush checksum store",
+                        path: store.path().to_path_buf(),
+                        source: e,
+                    })
+            }
+            (_, Io::Segments(segs)) => segs
                 .iter()
-                .try_for_each(|s| store.record_zero_with(s.offset, s.len, read_image)),
+                .try_for_each(|s| store.record_zero_with(s.offset(), s.len(), read_image)),
             _ => Ok(()),
         };
         if let Err(e) = res {
@@ -111,13 +119,14 @@ impl QueueWorker {
     /// R3: compares the WRITE's buffer now with what was checksummed at
     /// submission; each changed 4 KiB chunk is a `torn_write`, with what
     /// reached the disk read back from the image.
-    fn check_torn(&mut self, f: &InFlight) {
+    fn check_torn(&mut self, f: &Job) {
         let Some(now) = Self::data_now(&mut self.scratch, f) else {
             return;
         };
         let later = chunk_crcs(now);
-        let offset = f.req.sector * SECTOR_SIZE;
-        for (i, (&sub, &lat)) in f.submitted_crcs.iter().zip(&later).enumerate() {
+        let offset = f.req.sector().bytes();
+        let submitted = f.transfer().map_or(&[][..], |t| &t.submitted_crcs[..]);
+        for (i, (&sub, &lat)) in submitted.iter().zip(&later).enumerate() {
             if sub == lat {
                 continue;
             }
@@ -156,10 +165,10 @@ impl QueueWorker {
     /// Verifies a completed READ against the store; a mismatching block is
     /// re-read from the image into a private buffer (R4) before it is
     /// reported as a `checksum_failure`.
-    fn verify_read(&mut self, f: &mut InFlight) {
+    fn verify_read(&mut self, f: &mut Job) {
         let dev = self.dev.clone();
         let store = dev.store.as_ref().expect("checked by caller");
-        let offset = f.req.sector * SECTOR_SIZE;
+        let offset = f.req.sector().bytes();
         let mismatches = match Self::data_now(&mut self.scratch, f) {
             Some(data) => match store.verify(offset, &[data]) {
                 Ok(m) => m,
@@ -216,14 +225,14 @@ impl QueueWorker {
         }
     }
 
-    fn fill_request(&self, e: &mut ReportEvent, f: &InFlight, op: ReportOp) {
+    fn fill_request(&self, e: &mut ReportEvent, f: &Job, op: ReportOp) {
         e.request_id = Some(f.id);
         e.queue = Some(self.index);
         e.op = Some(op);
         e.policy = Some(self.dev.policy.policy.name().into());
         if e.action.is_none() {
             e.action = Some(
-                if f.bounce.is_some() {
+                if f.bounce().is_some() {
                     "bounce"
                 } else {
                     "zero_copy"
@@ -235,7 +244,7 @@ impl QueueWorker {
 }
 
 /// The guest-physical ranges of bytes `start..start+len` of `f`'s data buffer.
-fn guest_ranges_of(f: &InFlight, mut start: u64, mut len: u64) -> Vec<String> {
+fn guest_ranges_of(f: &Job, mut start: u64, mut len: u64) -> Vec<String> {
     let mut out = Vec::new();
     for r in &f.req.data {
         let rlen = u64::from(r.len);

@@ -1,0 +1,571 @@
+//! Storage engines: what carries a request's I/O out (docs/DESIGN.md §6).
+//!
+//! The data path hands an [`Op`] with a [`Tag`] to an [`Engine`], calls
+//! [`Engine::submit`], and later [`Engine::reap`]s `(Tag, result)` pairs,
+//! where `result` is what the operation returned: bytes transferred, or a
+//! negative errno (io_uring's CQE convention). The engine owns the encoding of
+//! tags into io_uring `user_data`; its users only see typed tags.
+//!
+//! - [`Engine::Uring`]: io_uring on the image file (the real data path).
+//! - [`Engine::Null`]: READ and WRITE complete at once without touching the
+//!   image (`--null`, a reference that shows what the rest of the path costs);
+//!   FLUSH, DISCARD, WRITE_ZEROES and timers go to io_uring as usual.
+//! - `Engine::Fake` (unit tests only): operations wait until the test
+//!   completes them, one by one, in any order ([`FakeHandle`]).
+//!
+//! Shape in the spirit of cloud-hypervisor's `block::async_io::AsyncIo`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use io_uring::{opcode, types, IoUring};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// One host buffer of a transfer, laid out as `struct iovec`: `len` bytes at
+/// host-virtual address `base` (inside mapped guest memory, or a private
+/// bounce buffer). `Send`, unlike `libc::iovec`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoVec {
+    /// Host-virtual address of the first byte.
+    pub base: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+const _: () = assert!(std::mem::size_of::<IoVec>() == std::mem::size_of::<libc::iovec>());
+
+/// Who an operation belongs to; handed back with its completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tag {
+    /// Operation number `op` of the request in worker slot `slot`.
+    Job {
+        /// The worker's slot of the request.
+        slot: u32,
+        /// Which of the request's operations (a DISCARD has one per segment).
+        op: u16,
+    },
+    /// The worker's retry timer (parked requests).
+    Timer,
+    /// The injected completion delay of the READ in `slot` (`--inject-read-delay`).
+    Delay {
+        /// The worker's slot of the request.
+        slot: u32,
+    },
+}
+
+const TAG_KIND_SHIFT: u32 = 62;
+const TAG_JOB: u64 = 0;
+const TAG_TIMER: u64 = 1;
+const TAG_DELAY: u64 = 2;
+
+impl Tag {
+    /// io_uring `user_data`: the kind in bits 62–63, the op in bits 32–47,
+    /// the slot in bits 0–31.
+    fn encode(self) -> u64 {
+        match self {
+            Tag::Job { slot, op } => {
+                (TAG_JOB << TAG_KIND_SHIFT) | (u64::from(op) << 32) | u64::from(slot)
+            }
+            Tag::Timer => TAG_TIMER << TAG_KIND_SHIFT,
+            Tag::Delay { slot } => (TAG_DELAY << TAG_KIND_SHIFT) | u64::from(slot),
+        }
+    }
+
+    fn decode(user_data: u64) -> Tag {
+        let slot = user_data as u32;
+        match user_data >> TAG_KIND_SHIFT {
+            TAG_TIMER => Tag::Timer,
+            TAG_DELAY => Tag::Delay { slot },
+            _ => Tag::Job {
+                slot,
+                op: (user_data >> 32) as u16,
+            },
+        }
+    }
+}
+
+/// How [`Op::Fallocate`] changes a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallocate {
+    /// Deallocate it (reads return zeroes): `FALLOC_FL_PUNCH_HOLE`.
+    PunchHole,
+    /// Zero it, keeping it allocated: `FALLOC_FL_ZERO_RANGE`.
+    ZeroRange,
+}
+
+impl Fallocate {
+    /// The fallocate(2) mode (always with `FALLOC_FL_KEEP_SIZE`).
+    pub fn mode(self) -> i32 {
+        match self {
+            Fallocate::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            Fallocate::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        }
+    }
+}
+
+/// One operation on the image. Offsets and lengths are in bytes of the image.
+#[derive(Clone, Copy, Debug)]
+pub enum Op<'a> {
+    /// preadv(2) into `iov` from `offset`.
+    Read {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Destination buffers (at most `IOV_MAX`).
+        iov: &'a [IoVec],
+    },
+    /// pwritev(2) of `iov` at `offset`.
+    Write {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Source buffers (at most `IOV_MAX`).
+        iov: &'a [IoVec],
+    },
+    /// fdatasync(2) of the image.
+    Flush,
+    /// fallocate(2) of `len` bytes at `offset`.
+    Fallocate {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// What to do with the range.
+        how: Fallocate,
+    },
+    /// Completes (with `-ETIME`) after this long.
+    Timeout(Duration),
+}
+
+impl Op<'_> {
+    /// Total bytes of a READ's or WRITE's buffers (0 for the others).
+    fn iov_len(&self) -> usize {
+        match self {
+            Op::Read { iov, .. } | Op::Write { iov, .. } => iov.iter().map(|v| v.len).sum(),
+            _ => 0,
+        }
+    }
+}
+
+/// A storage engine of one virtqueue's worker (not shared between threads).
+pub enum Engine {
+    /// io_uring on the image.
+    Uring(UringEngine),
+    /// `--null`: READ and WRITE complete at once, the rest goes to io_uring.
+    Null(NullEngine),
+    /// Unit tests: operations complete when the test says so.
+    #[cfg(test)]
+    Fake(FakeEngine),
+}
+
+impl Engine {
+    /// An io_uring engine on `file` (duplicated: the engine owns its own
+    /// descriptor) with `entries` submission entries.
+    ///
+    /// # Errors
+    /// io_uring_setup(2), eventfd(2) or dup(2) failing.
+    pub fn uring(file: &File, entries: u32) -> io::Result<Engine> {
+        UringEngine::new(file, entries).map(Engine::Uring)
+    }
+
+    /// A `--null` engine: see [`Engine::Null`].
+    ///
+    /// # Errors
+    /// As [`Engine::uring`].
+    pub fn null(file: &File, entries: u32) -> io::Result<Engine> {
+        Ok(Engine::Null(NullEngine {
+            uring: UringEngine::new(file, entries)?,
+            ready: VecDeque::new(),
+        }))
+    }
+
+    /// A fake engine on `file` and the handle a test completes its operations with.
+    #[cfg(test)]
+    pub fn fake(file: &File) -> (Engine, FakeHandle) {
+        let (e, h) = FakeEngine::new(file);
+        (Engine::Fake(e), h)
+    }
+
+    /// Whether operations may complete inside [`Engine::push`] without the
+    /// completion eventfd being signalled (the null engine): the caller then
+    /// reaps right after submitting.
+    pub fn completes_inline(&self) -> bool {
+        matches!(self, Engine::Null(_))
+    }
+
+    /// The eventfd that becomes readable when completions may be waiting.
+    pub fn completion_fd(&self) -> &EventFd {
+        match self {
+            Engine::Uring(u) => &u.eventfd,
+            Engine::Null(n) => &n.uring.eventfd,
+            #[cfg(test)]
+            Engine::Fake(f) => &f.handle.eventfd,
+        }
+    }
+
+    /// Queues `op`; it goes to the kernel at the next [`Engine::submit`] (or
+    /// at once if the submission queue is full).
+    ///
+    /// # Safety
+    /// For [`Op::Read`] and [`Op::Write`], the iovec array and every buffer
+    /// it points to must stay valid (allocated, mapped, and not moved) until
+    /// the completion of `tag` has been returned by [`Engine::reap`]; the
+    /// kernel reads and writes them asynchronously.
+    pub unsafe fn push(&mut self, op: Op<'_>, tag: Tag) {
+        match self {
+            // SAFETY: forwarded contract.
+            Engine::Uring(u) => unsafe { u.push(op, tag) },
+            Engine::Null(n) => match op {
+                Op::Read { .. } | Op::Write { .. } => n
+                    .ready
+                    .push_back((tag, op.iov_len().min(i32::MAX as usize) as i32)),
+                // SAFETY: forwarded contract (no buffers in these ops).
+                _ => unsafe { n.uring.push(op, tag) },
+            },
+            #[cfg(test)]
+            Engine::Fake(f) => f.push(op, tag),
+        }
+    }
+
+    /// Hands queued operations to the kernel. Errors are logged (EBUSY and
+    /// EINTR are normal: completions are reaped and the submission retried).
+    pub fn submit(&mut self) {
+        let ring = match self {
+            Engine::Uring(u) => &mut u.ring,
+            Engine::Null(n) => &mut n.uring.ring,
+            #[cfg(test)]
+            Engine::Fake(_) => return,
+        };
+        submit(ring);
+    }
+
+    /// Submits and blocks until at least one completion is available.
+    ///
+    /// # Errors
+    /// io_uring_enter(2) failing (EINTR included: the caller retries).
+    pub fn wait(&mut self) -> io::Result<()> {
+        match self {
+            Engine::Uring(u) => u.ring.submit_and_wait(1).map(drop),
+            Engine::Null(n) if !n.ready.is_empty() => Ok(()),
+            Engine::Null(n) => n.uring.ring.submit_and_wait(1).map(drop),
+            #[cfg(test)]
+            Engine::Fake(f) => {
+                f.wait();
+                Ok(())
+            }
+        }
+    }
+
+    /// Appends every available completion to `out` as `(tag, result)`;
+    /// `result` is bytes transferred or a negative errno.
+    pub fn reap(&mut self, out: &mut Vec<(Tag, i32)>) {
+        match self {
+            Engine::Uring(u) => u.reap(out),
+            Engine::Null(n) => {
+                out.extend(n.ready.drain(..));
+                n.uring.reap(out);
+            }
+            #[cfg(test)]
+            Engine::Fake(f) => f.reap(out),
+        }
+    }
+}
+
+fn submit(ring: &mut IoUring) {
+    if let Err(e) = ring.submit() {
+        if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
+            log::error!("io_uring submit failed: {e}");
+        }
+    }
+}
+
+/// io_uring on the image file, with a completion eventfd.
+pub struct UringEngine {
+    ring: IoUring,
+    file: File,
+    eventfd: EventFd,
+    /// Timespecs of pending timeouts, by encoded tag (the kernel reads them
+    /// until the timeout completes).
+    timeouts: HashMap<u64, Box<types::Timespec>>,
+}
+
+impl UringEngine {
+    fn new(file: &File, entries: u32) -> io::Result<UringEngine> {
+        // COOP_TASKRUN (Linux 5.19+): completions are not pushed to this
+        // thread by IPI but run at its next kernel entry; the profile showed
+        // those interrupts and task switches as the largest cost. Older
+        // kernels refuse the flag: fall back to a plain ring.
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
+        let eventfd = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(UringEngine {
+            ring,
+            file: file.try_clone()?,
+            eventfd,
+            timeouts: HashMap::new(),
+        })
+    }
+
+    /// # Safety
+    /// As [`Engine::push`].
+    unsafe fn push(&mut self, op: Op<'_>, tag: Tag) {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let ud = tag.encode();
+        let sqe = match op {
+            Op::Read { offset, iov } => {
+                let n = iov.len().min(libc::UIO_MAXIOV as usize) as u32;
+                opcode::Readv::new(fd, iov.as_ptr().cast::<libc::iovec>(), n)
+                    .offset(offset)
+                    .build()
+            }
+            Op::Write { offset, iov } => {
+                let n = iov.len().min(libc::UIO_MAXIOV as usize) as u32;
+                opcode::Writev::new(fd, iov.as_ptr().cast::<libc::iovec>(), n)
+                    .offset(offset)
+                    .build()
+            }
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Op::Fallocate { offset, len, how } => opcode::Fallocate::new(fd, len)
+                .offset(offset)
+                .mode(how.mode())
+                .build(),
+            Op::Timeout(d) => {
+                let ts = self
+                    .timeouts
+                    .entry(ud)
+                    .or_insert_with(|| Box::new(types::Timespec::from(d)));
+                **ts = types::Timespec::from(d);
+                opcode::Timeout::new(&**ts as *const types::Timespec).build()
+            }
+        };
+        let sqe = sqe.user_data(ud);
+        loop {
+            // SAFETY: the iovecs and their buffers stay valid until the
+            // completion is reaped (the caller's contract); a timeout's
+            // timespec is boxed in `self.timeouts` until its completion is
+            // reaped; the image fd is owned by `self` and outlives the ring's
+            // use of it (the ring is dropped with `self`, after the caller
+            // drained every operation). Fsync and Fallocate carry no pointers.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                break;
+            }
+            // Submission queue full: hand what we have to the kernel.
+            submit(&mut self.ring);
+        }
+    }
+
+    fn reap(&mut self, out: &mut Vec<(Tag, i32)>) {
+        let _ = self.eventfd.read();
+        for c in self.ring.completion() {
+            let tag = Tag::decode(c.user_data());
+            if !matches!(tag, Tag::Job { .. }) {
+                self.timeouts.remove(&c.user_data());
+            }
+            out.push((tag, c.result()));
+        }
+    }
+}
+
+/// The `--null` engine: see [`Engine::Null`].
+pub struct NullEngine {
+    uring: UringEngine,
+    /// READ and WRITE completions, ready at once.
+    ready: VecDeque<(Tag, i32)>,
+}
+
+#[cfg(test)]
+pub use fake::{FakeEngine, FakeHandle};
+
+#[cfg(test)]
+mod fake {
+    use std::collections::VecDeque;
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::sync::{Arc, Mutex, MutexGuard};
+    use std::time::Instant;
+
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::{IoVec, Op, Tag};
+
+    /// An operation the fake holds until the test completes it.
+    #[derive(Debug)]
+    enum Held {
+        Read(u64, Vec<IoVec>),
+        Write(u64, Vec<IoVec>),
+        Flush,
+        Fallocate(u64, u64, i32),
+    }
+
+    #[derive(Default)]
+    struct State {
+        held: Vec<(Tag, Held)>,
+        ready: VecDeque<(Tag, i32)>,
+        timers: Vec<(Instant, Tag)>,
+    }
+
+    /// The test's side of a fake engine: which operations are held, and
+    /// completing them (the I/O is done on the image file at that moment).
+    #[derive(Clone)]
+    pub struct FakeHandle {
+        state: Arc<Mutex<State>>,
+        file: Arc<File>,
+        pub(super) eventfd: Arc<EventFd>,
+    }
+
+    impl FakeHandle {
+        fn lock(&self) -> MutexGuard<'_, State> {
+            self.state.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        /// Tags of the operations held, in submission order.
+        pub fn held(&self) -> Vec<Tag> {
+            self.lock().held.iter().map(|(t, _)| *t).collect()
+        }
+
+        /// Carries out the held operation `tag` now and posts its completion;
+        /// `false` if no such operation is held.
+        pub fn complete(&self, tag: Tag) -> bool {
+            let mut st = self.lock();
+            let Some(i) = st.held.iter().position(|(t, _)| *t == tag) else {
+                return false;
+            };
+            let (tag, op) = st.held.remove(i);
+            let res = self.perform(op);
+            st.ready.push_back((tag, res));
+            let _ = self.eventfd.write(1);
+            true
+        }
+
+        /// Completes every held operation, in submission order.
+        pub fn complete_all(&self) {
+            for t in self.held() {
+                self.complete(t);
+            }
+        }
+
+        fn perform(&self, op: Held) -> i32 {
+            let fd = self.file.as_raw_fd();
+            let ret = match op {
+                // SAFETY: the worker's contract for `Engine::push` keeps these
+                // iovecs' buffers valid until the completion is reaped, which
+                // happens after this call.
+                Held::Read(off, iov) => unsafe {
+                    libc::preadv(fd, iov.as_ptr().cast(), iov.len() as i32, off as i64)
+                },
+                // SAFETY: as above.
+                Held::Write(off, iov) => unsafe {
+                    libc::pwritev(fd, iov.as_ptr().cast(), iov.len() as i32, off as i64)
+                },
+                // SAFETY: plain syscalls on an fd we own; no memory passed.
+                Held::Flush => unsafe { libc::fdatasync(fd) as isize },
+                // SAFETY: as above.
+                Held::Fallocate(off, len, mode) => unsafe {
+                    libc::fallocate(fd, mode, off as i64, len as i64) as isize
+                },
+            };
+            if ret < 0 {
+                -std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO)
+            } else {
+                ret as i32
+            }
+        }
+    }
+
+    /// The worker's side of a fake engine.
+    pub struct FakeEngine {
+        pub(super) handle: FakeHandle,
+    }
+
+    impl FakeEngine {
+        pub(super) fn new(file: &File) -> (FakeEngine, FakeHandle) {
+            let handle = FakeHandle {
+                state: Arc::default(),
+                file: Arc::new(file.try_clone().expect("dup image fd")),
+                eventfd: Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")),
+            };
+            (
+                FakeEngine {
+                    handle: handle.clone(),
+                },
+                handle,
+            )
+        }
+
+        pub(super) fn push(&mut self, op: Op<'_>, tag: Tag) {
+            let mut st = self.handle.lock();
+            let held = match op {
+                Op::Read { offset, iov } => Held::Read(offset, iov.to_vec()),
+                Op::Write { offset, iov } => Held::Write(offset, iov.to_vec()),
+                Op::Flush => Held::Flush,
+                Op::Fallocate { offset, len, how } => Held::Fallocate(offset, len, how.mode()),
+                Op::Timeout(d) => {
+                    st.timers.push((Instant::now() + d, tag));
+                    return;
+                }
+            };
+            st.held.push((tag, held));
+        }
+
+        /// Blocking wait (drain): completes what is held, in order, or sleeps
+        /// until the next timer.
+        pub(super) fn wait(&mut self) {
+            if !self.handle.lock().ready.is_empty() {
+                return;
+            }
+            if !self.handle.held().is_empty() {
+                return self.handle.complete_all();
+            }
+            let next = self.handle.lock().timers.iter().map(|t| t.0).min();
+            if let Some(at) = next {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            }
+        }
+
+        pub(super) fn reap(&mut self, out: &mut Vec<(Tag, i32)>) {
+            let _ = self.handle.eventfd.read();
+            let mut st = self.handle.lock();
+            let now = Instant::now();
+            let mut i = 0;
+            while i < st.timers.len() {
+                if st.timers[i].0 <= now {
+                    let (_, tag) = st.timers.swap_remove(i);
+                    st.ready.push_back((tag, -libc::ETIME));
+                } else {
+                    i += 1;
+                }
+            }
+            out.extend(st.ready.drain(..));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_round_trip() {
+        for t in [
+            Tag::Job { slot: 0, op: 0 },
+            Tag::Job {
+                slot: u32::MAX,
+                op: u16::MAX,
+            },
+            Tag::Job { slot: 7, op: 31 },
+            Tag::Timer,
+            Tag::Delay { slot: 0 },
+            Tag::Delay { slot: u32::MAX },
+        ] {
+            assert_eq!(Tag::decode(t.encode()), t);
+        }
+    }
+}

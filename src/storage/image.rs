@@ -1,0 +1,224 @@
+//! The disk image file.
+//!
+//! The image is a raw file; its size in bytes gives the capacity (rounded down
+//! to 512-byte sectors). It is held under an advisory `flock(2)` lock for as
+//! long as pinblk serves it: exclusive when writable, shared when read-only,
+//! so two pinblk processes never write one image.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::guest::SECTOR_SIZE;
+
+/// Errors opening or preparing the image.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The image does not exist and no size was given to create it.
+    #[error("image {0} does not exist; pass --size BYTES to create a sparse image")]
+    Missing(PathBuf),
+    /// Another process (another pinblk) holds the advisory lock.
+    #[error("image {0} is already in use by another pinblk (advisory lock held); stop that process or serve another image")]
+    Locked(PathBuf),
+    /// The image is smaller than one logical block.
+    #[error("image {path} is {size} bytes, smaller than one {block}-byte logical block")]
+    TooSmall {
+        /// Image path.
+        path: PathBuf,
+        /// Image size in bytes.
+        size: u64,
+        /// Logical block size in bytes.
+        block: u32,
+    },
+    /// Any other I/O error, with what was being done.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Image path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An open, locked disk image.
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    path: PathBuf,
+    /// Size used as the capacity, in bytes: the file size rounded down to the logical block size.
+    size: u64,
+    read_only: bool,
+}
+
+/// How to open an image.
+#[derive(Clone, Debug, Default)]
+pub struct ImageOptions {
+    /// Create a sparse image of this many bytes if the file does not exist.
+    pub create_size: Option<u64>,
+    /// Open read-only (and lock shared).
+    pub read_only: bool,
+    /// Open with O_DIRECT (bypass the host page cache, like QEMU's `cache.direct=on`).
+    pub direct: bool,
+    /// Logical block size in bytes; the capacity is rounded down to a multiple of it.
+    pub logical_block_size: u32,
+}
+
+impl Image {
+    /// Opens (creating if asked) and locks the image at `path`.
+    ///
+    /// # Errors
+    /// [`StorageError::Missing`] if absent and no size given,
+    /// [`StorageError::Locked`] if another pinblk serves it,
+    /// [`StorageError::TooSmall`], or [`StorageError::Io`].
+    pub fn open(path: &Path, opts: &ImageOptions) -> Result<Image, StorageError> {
+        let io = |what: &'static str| {
+            let path = path.to_path_buf();
+            move |source| StorageError::Io { what, path, source }
+        };
+        let exists = path.exists();
+        if !exists {
+            let Some(size) = opts.create_size else {
+                return Err(StorageError::Missing(path.to_path_buf()));
+            };
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(io("cannot create image"))?;
+            f.set_len(size).map_err(io("cannot size image"))?;
+            log::info!("created sparse image {} of {} bytes", path.display(), size);
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(path).map_err(io("cannot open image"))?;
+        let op = if opts.read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on an fd we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(StorageError::Locked(path.to_path_buf()));
+            }
+            return Err(io("cannot lock image")(e));
+        }
+        let file_size = file.metadata().map_err(io("cannot stat image"))?.len();
+        if let (true, Some(want)) = (exists, opts.create_size) {
+            if want != file_size {
+                log::warn!(
+                    "image {} exists with {} bytes; ignoring --size {}",
+                    path.display(),
+                    file_size,
+                    want
+                );
+            }
+        }
+        let block = u64::from(opts.logical_block_size.max(SECTOR_SIZE as u32));
+        let size = file_size / block * block;
+        if size == 0 {
+            return Err(StorageError::TooSmall {
+                path: path.to_path_buf(),
+                size: file_size,
+                block: block as u32,
+            });
+        }
+        if size != file_size {
+            log::warn!(
+                "image {} is {} bytes, not a multiple of {}; serving the first {} bytes",
+                path.display(),
+                file_size,
+                block,
+                size
+            );
+        }
+        Ok(Image {
+            file,
+            path: path.to_path_buf(),
+            size,
+            read_only: opts.read_only,
+        })
+    }
+
+    /// The open file (for io_uring submissions and synchronous fallbacks).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Path the image was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Served size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    /// Whether the image was opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Writes `len` zero bytes at byte `offset` with pwrite(2): the fallback
+    /// for WRITE_ZEROES where fallocate(2) modes are not supported.
+    ///
+    /// # Errors
+    /// The OS error of the first failing pwrite.
+    pub fn write_zeroes_sync(&self, mut offset: u64, len: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        const CHUNK: usize = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len as usize)];
+        let end = offset + len;
+        while offset < end {
+            let n = ((end - offset) as usize).min(CHUNK);
+            self.file.write_all_at(&zeros[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(size: Option<u64>) -> ImageOptions {
+        ImageOptions {
+            create_size: size,
+            logical_block_size: 512,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn creates_sparse_and_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.img");
+        assert!(matches!(
+            Image::open(&p, &opts(None)),
+            Err(StorageError::Missing(_))
+        ));
+        let img = Image::open(&p, &opts(Some(1 << 20))).unwrap();
+        assert_eq!(img.capacity_sectors(), 2048);
+        let second = Image::open(&p, &opts(None));
+        assert!(matches!(second, Err(StorageError::Locked(_))), "{second:?}");
+        let msg = second.unwrap_err().to_string();
+        assert!(msg.contains("already in use by another pinblk"), "{msg}");
+        drop(img);
+        Image::open(&p, &opts(None)).unwrap();
+    }
+}
