@@ -6,4 +6,7 @@ pub mod chain;
 pub mod config;
 pub mod request;
 
+#[cfg(test)]
+pub(crate) mod test_util;
+
 pub use request::{parse, Command, Limits, Refused, Request, RequestError, Segment};
