@@ -191,7 +191,9 @@ impl QueueWorker {
             queue: index,
             source,
         };
-        let entries = u32::from(dev.config.queue_size).next_power_of_two().max(8);
+        let entries = u32::from(dev.config().queue_size)
+            .next_power_of_two()
+            .max(8);
         // COOP_TASKRUN (Linux 5.19+): completions are not pushed to this
         // thread by IPI but run at its next kernel entry; the profile showed
         // those interrupts and task switches as the largest cost. Older
@@ -208,7 +210,7 @@ impl QueueWorker {
         // A stalled request waits on pins of other queues: their unpin wakes
         // this worker through its completion eventfd.
         let waker_fd = eventfd.try_clone().map_err(setup)?;
-        dev.pins.set_waker(
+        dev.pins().set_waker(
             index,
             Some(Arc::new(move || {
                 let _ = waker_fd.write(1);
@@ -253,7 +255,7 @@ impl QueueWorker {
     }
 
     fn counters(&self) -> &QueueCounters {
-        &self.dev.queue_counters[usize::from(self.index)]
+        &self.dev.queue_counters()[usize::from(self.index)]
     }
 
     /// Handles a kick: pops every available descriptor chain and starts it.
@@ -492,8 +494,8 @@ impl QueueWorker {
             RequestType::In => false,
             _ => return self.issue(slot),
         };
-        if !dev.pin_tracking {
-            let bounce = is_write && dev.policy.bounce_always;
+        if !dev.pin_tracking() {
+            let bounce = is_write && dev.policy().bounce_always;
             return self.go(slot, bounce, false);
         }
         let dir = if is_write {
@@ -501,10 +503,10 @@ impl QueueWorker {
         } else {
             Direction::DeviceWrite
         };
-        let pin = dev.pins.pin(index, f.id, dir, &f.req.data);
-        let conflicts = dev.pins.check(&pin, &f.req.data);
+        let pin = dev.pins().pin(index, f.id, dir, &f.req.data);
+        let conflicts = dev.pins().check(&pin, &f.req.data);
         f.pin = Some(pin);
-        let (action, no_stall) = decide(&dev.policy, is_write, &conflicts);
+        let (action, no_stall) = decide(dev.policy(), is_write, &conflicts);
         if conflicts.is_empty() {
             return self.go(slot, action == Action::Bounce, false);
         }
@@ -523,12 +525,12 @@ impl QueueWorker {
                 let waits: Vec<PinRef> = conflicts
                     .iter()
                     .map(|c| c.by.pin)
-                    .filter(|p| dev.pins.watch(p, index))
+                    .filter(|p| dev.pins().watch(p, index))
                     .collect();
                 let now = Instant::now();
                 self.slot(slot).state = State::Stalled {
                     since: now,
-                    deadline: now + dev.policy.stall_timeout,
+                    deadline: now + dev.policy().stall_timeout,
                     waits,
                     event: Box::new(event),
                 };
@@ -552,7 +554,7 @@ impl QueueWorker {
         let f = self.slot(slot);
         f.state = State::Running;
         if let Some(pin) = &f.pin {
-            dev.pins.mark_submitted(pin);
+            dev.pins().mark_submitted(pin);
         }
         self.integrity_submit(slot);
         self.issue(slot)
@@ -564,9 +566,9 @@ impl QueueWorker {
         let dev = self.dev.clone();
         let f = self.slot(slot);
         let len = u64::from(f.req.data_len);
-        let limit = dev.policy.bounce_pool_bytes;
+        let limit = dev.policy().bounce_pool_bytes;
         let reserved =
-            dev.bounce_in_use
+            dev.bounce_in_use()
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                     // An empty pool always serves one request, however large.
                     (force || used == 0 || used + len <= limit).then_some(used + len)
@@ -627,7 +629,7 @@ impl QueueWorker {
                     waits,
                     mut event,
                 } => {
-                    let released = waits.iter().all(|w| dev.pins.is_released(w));
+                    let released = waits.iter().all(|w| dev.pins().is_released(w));
                     if released || force || now >= deadline {
                         event.stall_us = Some(since.elapsed().as_micros() as u64);
                         let action = if released {
@@ -659,8 +661,8 @@ impl QueueWorker {
 
     /// Checks a parsed request against the device and prepares its I/O.
     fn prepare(&mut self, mem: &GuestMem, req: &Request) -> Result<Prepared, Refusal> {
-        let cfg = &self.dev.config;
-        let capacity = self.dev.image.capacity_sectors();
+        let cfg = self.dev.config();
+        let capacity = self.dev.image().capacity_sectors();
         match req.kind {
             RequestType::In | RequestType::Out => {
                 if req.kind == RequestType::Out && cfg.read_only {
@@ -683,7 +685,7 @@ impl QueueWorker {
                 if end.is_none_or(|e| e > capacity) {
                     return Err(ioerr(format!("past capacity ({capacity} sectors)")));
                 }
-                if self.dev.null {
+                if self.dev.null() {
                     let used_len = if req.kind == RequestType::In {
                         req.data_len + 1
                     } else {
@@ -782,7 +784,7 @@ impl QueueWorker {
     /// Pushes the SQEs of slot `slot` (all of them for a new request, the rest
     /// of a short transfer otherwise). Completes at once if there is nothing to do.
     fn issue(&mut self, slot: u32) {
-        let fd = types::Fd(self.dev.image.file().as_raw_fd());
+        let fd = types::Fd(self.dev.image().file().as_raw_fd());
         let f = self.slots[slot as usize]
             .as_mut()
             .expect("issued slot is in use");
@@ -947,7 +949,7 @@ impl QueueWorker {
                             self.zero_range_unsupported = true;
                         }
                         let f = self.slots[slot as usize].as_mut().unwrap();
-                        if let Err(e) = self.dev.image.write_zeroes_sync(s.offset, s.len) {
+                        if let Err(e) = self.dev.image().write_zeroes_sync(s.offset, s.len) {
                             log::error!(
                                 "queue {index} request {}: writing zeroes failed: {e}",
                                 f.id
@@ -972,8 +974,8 @@ impl QueueWorker {
         let f = self.slots[slot as usize].as_ref().unwrap();
         if f.ops_pending == 0 {
             if f.req.kind == RequestType::In && f.status == VIRTIO_BLK_S_OK as u8 {
-                if let Some(delay) = self.dev.policy.read_delay {
-                    if self.rng.f64() < self.dev.policy.read_delay_probability {
+                if let Some(delay) = self.dev.policy().read_delay {
+                    if self.rng.f64() < self.dev.policy().read_delay_probability {
                         return self.delay(slot, delay);
                     }
                 }
@@ -1015,7 +1017,7 @@ impl QueueWorker {
                 }
             }
             self.dev
-                .bounce_in_use
+                .bounce_in_use()
                 .fetch_sub(b.len as u64, Ordering::AcqRel);
         }
         self.free.push(slot);
@@ -1043,7 +1045,7 @@ impl QueueWorker {
             used_len,
         );
         if let Some(pin) = f.pin.take() {
-            self.dev.pins.unpin(pin);
+            self.dev.pins().unpin(pin);
         }
     }
 }
@@ -1058,7 +1060,7 @@ impl Drop for QueueWorker {
 
 /// Logs and records a report event; a failing report file is logged, not fatal.
 fn emit(dev: &Device, e: &ReportEvent) {
-    if let Err(err) = dev.report.emit(e) {
+    if let Err(err) = dev.report().emit(e) {
         log::error!("cannot write report event: {err}");
     }
 }
@@ -1090,7 +1092,7 @@ fn conflict_event(
         ReportRule::R2
     };
     e.rule = Some(rule);
-    e.policy = Some(dev.policy.policy.name().into());
+    e.policy = Some(dev.policy().policy.name().into());
     let action = match action {
         Action::ZeroCopy => "passthrough",
         Action::Bounce => "bounce",
