@@ -5,7 +5,7 @@
 //!
 //! [`Device::open`] builds all of it once from a [`DeviceOptions`]; nothing
 //! is assigned after construction. The command line (`cli`) converts its
-//! arguments into a [`DeviceOptions`]; this module knows nothing of clap.
+//! arguments into a [`DeviceOptions`]; this module knows nothing of argument parsing.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

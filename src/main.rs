@@ -34,7 +34,7 @@ enum Error {
 }
 
 impl Error {
-    /// The exit status: 2 for a usage error (as clap exits), 1 otherwise.
+    /// The exit status: 2 for a usage error (as for a bad flag), 1 otherwise.
     fn exit_code(&self) -> ExitCode {
         match self {
             Error::Args(_) => ExitCode::from(2),
