@@ -29,8 +29,19 @@ enum Error {
     #[error("{0}; pass the file written by `pinblk serve --report`")]
     Report(#[from] ReportError),
     /// `pinblk scrub`: the image or its store cannot be read.
-    #[error(transparent)]
+    #[error("{}", scrub_message(.0))]
     Scrub(#[from] IntegrityError),
+}
+
+/// The message of [`Error::Scrub`]: the store's own message, which says what
+/// to do, except for a plain I/O error, which gets a remedy here.
+fn scrub_message(e: &IntegrityError) -> String {
+    match e {
+        IntegrityError::Io { .. } => {
+            format!("{e}; check the --image and --checksum-store paths and their permissions")
+        }
+        _ => e.to_string(),
+    }
 }
 
 impl Error {
