@@ -1,12 +1,17 @@
-//! Command line of the `pinblk` binary (clap).
+//! Command line of the `pinblk` binary (clap). The only module that knows
+//! clap: its value enums ([`PolicyArg`], [`BounceArg`], [`OnMismatchArg`],
+//! [`OnOff`], [`Checksum`]) convert into the domain types, and
+//! [`ServeArgs`] into a [`DeviceOptions`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
+use crate::device::DeviceOptions;
 use crate::integrity::OnMismatch;
-use crate::pin::policy::{BounceMode, Policy};
+use crate::pin::policy::{BounceMode, Policy, PolicyConfig};
+use crate::storage::ImageOptions;
 
 /// A switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -24,6 +29,74 @@ pub enum Checksum {
     Crc32c,
     /// No checksums (no torn-write or verification reports).
     Off,
+}
+
+/// `--policy`: what to do with a request that touches guest pages still
+/// under DMA (converts into [`Policy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyArg {
+    /// Zero-copy always; conflicts are only detected and reported (what a
+    /// QEMU `cache=none` guest on btrfs or dm-integrity sees).
+    Passthrough,
+    /// Copy a conflicting WRITE's data to a private buffer first and write the
+    /// copy; land a conflicting READ in a private buffer copied to the guest
+    /// at completion (kernel: block/bounce.c, Jan Kara's "bounce pinned pages").
+    Bounce,
+    /// Hold the conflicting request until the conflicting pins are released,
+    /// bounded by `--stall-timeout`, then bounce (kernel: folio_wait_stable(),
+    /// "wait for the unpin").
+    Stall,
+    /// Complete the conflicting request with VIRTIO_BLK_S_IOERR.
+    Fail,
+}
+
+impl From<PolicyArg> for Policy {
+    fn from(a: PolicyArg) -> Policy {
+        match a {
+            PolicyArg::Passthrough => Policy::Passthrough,
+            PolicyArg::Bounce => Policy::Bounce,
+            PolicyArg::Stall => Policy::Stall,
+            PolicyArg::Fail => Policy::Fail,
+        }
+    }
+}
+
+/// `--bounce`: which writes are copied before they are written (converts
+/// into [`BounceMode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BounceArg {
+    /// Only writes the policy decides to bounce.
+    Conflicts,
+    /// Every write (full stable-pages protection, at memcpy cost).
+    Always,
+}
+
+impl From<BounceArg> for BounceMode {
+    fn from(a: BounceArg) -> BounceMode {
+        match a {
+            BounceArg::Conflicts => BounceMode::Conflicts,
+            BounceArg::Always => BounceMode::Always,
+        }
+    }
+}
+
+/// `--on-mismatch`: what a READ gets when a block fails verification
+/// (converts into [`OnMismatch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnMismatchArg {
+    /// Report the checksum failure; the READ completes with the data.
+    Report,
+    /// Report it and complete the READ with VIRTIO_BLK_S_IOERR (as btrfs and dm-integrity do).
+    Eio,
+}
+
+impl From<OnMismatchArg> for OnMismatch {
+    fn from(a: OnMismatchArg) -> OnMismatch {
+        match a {
+            OnMismatchArg::Report => OnMismatch::Report,
+            OnMismatchArg::Eio => OnMismatch::Eio,
+        }
+    }
 }
 
 const SERVE_EXAMPLE: &str = "\
@@ -117,13 +190,13 @@ pub struct ServeArgs {
     /// What to do with a request that touches guest pages still under DMA
     /// (R1: a WRITE from pages an in-flight READ is filling; R2: a READ into
     /// pages an in-flight WRITE is sending; any WRITE of a long-term-pinned page).
-    #[arg(long, value_enum, default_value_t = Policy::Bounce)]
-    pub policy: Policy,
+    #[arg(long, value_enum, default_value_t = PolicyArg::Bounce)]
+    pub policy: PolicyArg,
 
     /// Which writes are copied to a private buffer before they are written:
     /// `conflicts` (as the policy decides) or `always` (full stable-pages protection).
-    #[arg(long, value_enum, default_value_t = BounceMode::Conflicts)]
-    pub bounce: BounceMode,
+    #[arg(long, value_enum, default_value_t = BounceArg::Conflicts)]
+    pub bounce: BounceArg,
 
     /// Longest a stalled request waits for the conflicting pins before it is bounced.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -163,8 +236,8 @@ pub struct ServeArgs {
 
     /// What a READ of a block that fails verification gets: `report` (data
     /// returned, event reported) or `eio` (VIRTIO_BLK_S_IOERR, as btrfs and dm-integrity do).
-    #[arg(long, value_enum, default_value_t = OnMismatch::Report)]
-    pub on_mismatch: OnMismatch,
+    #[arg(long, value_enum, default_value_t = OnMismatchArg::Report)]
+    pub on_mismatch: OnMismatchArg,
 
     /// Append report events (JSON Lines, schema in README) to this file.
     #[arg(long, value_name = "PATH")]
@@ -178,6 +251,73 @@ pub struct ServeArgs {
     /// Exit after serving this many connections (default: serve until SIGINT/SIGTERM).
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u64>,
+}
+
+impl Cli {
+    /// Parses the process's arguments; on a usage error, or for `--help` and
+    /// `--version`, prints clap's message and exits (2 for a usage error, 0 otherwise).
+    pub fn parse_args() -> Cli {
+        <Cli as Parser>::parse()
+    }
+
+    /// Prints the top-level help to stdout.
+    ///
+    /// # Errors
+    /// The `io::Error` of writing stdout.
+    pub fn print_help() -> std::io::Result<()> {
+        Cli::command().print_help()
+    }
+}
+
+/// `pinblk serve` arguments that do not make sense together (a usage error:
+/// `pinblk` exits 2, as for the errors clap itself finds).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArgsError {
+    /// `--checksum-store` names a store, but `--checksum off` disables checksums.
+    #[error("--checksum-store {0} given with --checksum off: drop --checksum-store, or checksum with --checksum crc32c")]
+    ChecksumStoreWithChecksumOff(PathBuf),
+}
+
+impl TryFrom<ServeArgs> for DeviceOptions {
+    type Error = ArgsError;
+
+    /// The device part of `pinblk serve` (everything but `--socket` and
+    /// `--max-connections`, which the caller takes first).
+    ///
+    /// # Errors
+    /// [`ArgsError`] for arguments that contradict each other.
+    fn try_from(a: ServeArgs) -> Result<DeviceOptions, ArgsError> {
+        if let (Checksum::Off, Some(p)) = (a.checksum, &a.checksum_store) {
+            return Err(ArgsError::ChecksumStoreWithChecksumOff(p.clone()));
+        }
+        Ok(DeviceOptions {
+            image: a.image,
+            image_options: ImageOptions {
+                create_size: a.size,
+                read_only: a.read_only,
+                direct: a.direct,
+                logical_block_size: a.logical_block_size,
+            },
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            serial: a.serial,
+            null: a.null,
+            pin_tracking: a.pin_tracking == OnOff::On,
+            longterm_after: a.longterm_after,
+            policy: PolicyConfig {
+                policy: a.policy.into(),
+                bounce_always: BounceMode::from(a.bounce) == BounceMode::Always,
+                stall_timeout: a.stall_timeout,
+                read_delay: a.inject_read_delay,
+                read_delay_probability: a.inject_read_probability,
+                bounce_pool_bytes: a.bounce_pool,
+            },
+            checksum: a.checksum == Checksum::Crc32c,
+            checksum_store: a.checksum_store,
+            on_mismatch: a.on_mismatch.into(),
+            report: a.report,
+        })
+    }
 }
 
 /// Parses a size in bytes with an optional binary suffix (K, M, G, T).
@@ -253,7 +393,111 @@ mod tests {
 
     #[test]
     fn cli_is_consistent() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    fn serve_args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec![
+            "pinblk", "serve", "--socket", "s.sock", "--image", "disk.img",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Some(Command::Serve(a)) => a,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn serve_defaults_are_device_defaults() {
+        let opts = DeviceOptions::try_from(serve_args(&[])).unwrap();
+        assert_eq!(opts, DeviceOptions::new("disk.img"));
+    }
+
+    #[test]
+    fn serve_args_convert() {
+        let opts = DeviceOptions::try_from(serve_args(&[
+            "--size",
+            "1M",
+            "--num-queues",
+            "4",
+            "--queue-size",
+            "128",
+            "--read-only",
+            "--serial",
+            "s1",
+            "--logical-block-size",
+            "4096",
+            "--direct",
+            "--policy",
+            "stall",
+            "--bounce",
+            "always",
+            "--stall-timeout",
+            "5ms",
+            "--longterm-after",
+            "2s",
+            "--bounce-pool",
+            "1M",
+            "--inject-read-delay",
+            "20ms",
+            "--inject-read-probability",
+            "0.5",
+            "--pin-tracking",
+            "off",
+            "--checksum-store",
+            "x.pinsum",
+            "--on-mismatch",
+            "eio",
+            "--report",
+            "r.jsonl",
+            "--null",
+        ]))
+        .unwrap();
+        let want = DeviceOptions {
+            image_options: ImageOptions {
+                create_size: Some(1 << 20),
+                read_only: true,
+                direct: true,
+                logical_block_size: 4096,
+            },
+            num_queues: 4,
+            queue_size: 128,
+            serial: "s1".into(),
+            null: true,
+            pin_tracking: false,
+            longterm_after: Duration::from_secs(2),
+            policy: PolicyConfig {
+                policy: Policy::Stall,
+                bounce_always: true,
+                stall_timeout: Duration::from_millis(5),
+                read_delay: Some(Duration::from_millis(20)),
+                read_delay_probability: 0.5,
+                bounce_pool_bytes: 1 << 20,
+            },
+            checksum: true,
+            checksum_store: Some("x.pinsum".into()),
+            on_mismatch: OnMismatch::Eio,
+            report: Some("r.jsonl".into()),
+            ..DeviceOptions::new("disk.img")
+        };
+        assert_eq!(opts, want);
+        let off = DeviceOptions::try_from(serve_args(&["--checksum", "off"])).unwrap();
+        assert!(!off.checksum);
+    }
+
+    #[test]
+    fn checksum_store_needs_checksums() {
+        let e = DeviceOptions::try_from(serve_args(&[
+            "--checksum",
+            "off",
+            "--checksum-store",
+            "x.pinsum",
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            e,
+            ArgsError::ChecksumStoreWithChecksumOff("x.pinsum".into())
+        );
+        assert!(e.to_string().contains("--checksum crc32c"), "{e}");
     }
 }

@@ -1,17 +1,164 @@
-//! Per-device state shared by every connection and every virtqueue: the
-//! image, what the driver sees, and the running counters.
+//! One served device: the options it is opened with ([`DeviceOptions`]),
+//! the per-device state shared by every connection and every virtqueue (the
+//! image, what the driver sees, the pin tracker, the report writer, the
+//! checksum store) and the running counters.
+//!
+//! [`Device::open`] builds all of it once from a [`DeviceOptions`]; nothing
+//! is assigned after construction. The command line (`cli`) converts its
+//! arguments into a [`DeviceOptions`]; this module knows nothing of argument parsing.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::integrity::ChecksumStore;
-use crate::integrity::OnMismatch;
+use crate::integrity::{
+    default_store_path, ChecksumStore, IntegrityError, OnMismatch, StoreOptions,
+};
 use crate::pin::policy::PolicyConfig;
 use crate::pin::PinTracker;
-use crate::report::ReportWriter;
-use crate::storage::Image;
+use crate::report::{EventKind, ReportError, ReportEvent, ReportOp, ReportWriter};
+use crate::storage::{Image, ImageOptions, StorageError};
 use crate::virtio_blk::config::DeviceConfig;
+
+/// Most request virtqueues a device has.
+pub const MAX_QUEUES: u16 = 64;
+/// Smallest and largest virtqueue size accepted (a power of two), in entries.
+pub const QUEUE_SIZE_RANGE: std::ops::RangeInclusive<u16> = 2..=1024;
+
+/// Everything a device needs, built by the caller (the command line, a test)
+/// and given to [`Device::open`]. [`DeviceOptions::new`] has the defaults of
+/// `pinblk serve`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceOptions {
+    /// The raw disk image to serve.
+    pub image: PathBuf,
+    /// How to open the image: create size (bytes), read-only, O_DIRECT, and
+    /// the logical block size (bytes, 512 or 4096). `read_only` and
+    /// `logical_block_size` are also what the driver is offered.
+    pub image_options: ImageOptions,
+    /// Number of request virtqueues, 1 to [`MAX_QUEUES`].
+    pub num_queues: u16,
+    /// Largest virtqueue size accepted, in entries: a power of two in
+    /// [`QUEUE_SIZE_RANGE`].
+    pub queue_size: u16,
+    /// Serial returned by GET_ID (at most 20 bytes are used).
+    pub serial: String,
+    /// READ and WRITE complete without touching the image (no checksums either).
+    pub null: bool,
+    /// Pin READ and WRITE buffers and check them for conflicts; `false`
+    /// disables the pin model entirely.
+    pub pin_tracking: bool,
+    /// A pin held longer than this counts as long-term (FOLL_LONGTERM).
+    pub longterm_after: Duration,
+    /// What to do about conflicts, and the fault injection settings.
+    pub policy: PolicyConfig,
+    /// Checksum every write (CRC32C per 4 KiB block) and verify every READ.
+    pub checksum: bool,
+    /// Where the checksums live; `None`: `IMAGE.pinsum` beside the image.
+    pub checksum_store: Option<PathBuf>,
+    /// What a READ of a block that fails verification gets.
+    pub on_mismatch: OnMismatch,
+    /// Append report events (JSON Lines) to this file; `None`: log and count only.
+    pub report: Option<PathBuf>,
+}
+
+impl DeviceOptions {
+    /// Options for serving `image` with the defaults of `pinblk serve`: one
+    /// queue of up to 256 entries, 512-byte logical blocks, writable, serial
+    /// `pinblk`, pin tracking on with pins long-term after 1 s, the default
+    /// [`PolicyConfig`] (bounce), CRC32C checksums in `IMAGE.pinsum`, mismatches
+    /// reported, no report file.
+    pub fn new(image: impl Into<PathBuf>) -> DeviceOptions {
+        DeviceOptions {
+            image: image.into(),
+            image_options: ImageOptions {
+                create_size: None,
+                read_only: false,
+                direct: false,
+                logical_block_size: 512,
+            },
+            num_queues: 1,
+            queue_size: 256,
+            serial: "pinblk".into(),
+            null: false,
+            pin_tracking: true,
+            longterm_after: Duration::from_secs(1),
+            policy: PolicyConfig::default(),
+            checksum: true,
+            checksum_store: None,
+            on_mismatch: OnMismatch::Report,
+            report: None,
+        }
+    }
+
+    /// Checks the values that do not depend on any file.
+    ///
+    /// # Errors
+    /// [`DeviceError::NumQueues`], [`DeviceError::QueueSize`] or
+    /// [`DeviceError::LogicalBlockSize`].
+    pub fn validate(&self) -> Result<(), DeviceError> {
+        if !(1..=MAX_QUEUES).contains(&self.num_queues) {
+            return Err(DeviceError::NumQueues(self.num_queues));
+        }
+        if !QUEUE_SIZE_RANGE.contains(&self.queue_size) || !self.queue_size.is_power_of_two() {
+            return Err(DeviceError::QueueSize(self.queue_size));
+        }
+        let lbs = self.image_options.logical_block_size;
+        if lbs != 512 && lbs != 4096 {
+            return Err(DeviceError::LogicalBlockSize(lbs));
+        }
+        Ok(())
+    }
+}
+
+/// Why a device cannot be opened or closed. Every message says what went
+/// wrong and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The number of request queues is out of range.
+    #[error("{0} request queues asked for; a device has 1 to {MAX_QUEUES} (--num-queues)")]
+    NumQueues(u16),
+    /// The queue size is not a power of two in range.
+    #[error("queue size {0} asked for; use a power of two between 2 and 1024 (--queue-size)")]
+    QueueSize(u16),
+    /// The logical block size is neither 512 nor 4096.
+    #[error("logical block size {0} asked for; use 512 or 4096 (--logical-block-size)")]
+    LogicalBlockSize(u32),
+    /// The image cannot be created, opened or locked (the message says what to do).
+    #[error(transparent)]
+    Image(#[from] StorageError),
+    /// The report file cannot be opened for appending.
+    #[error("{0}; pass --report a file in a writable directory, or leave --report out")]
+    Report(#[from] ReportError),
+    /// The checksum store cannot be created, opened or recovered.
+    #[error("{}", store_message(.0))]
+    Store(#[from] IntegrityError),
+    /// At close, the image cannot be made durable before the store is closed.
+    #[error("cannot fdatasync image {path} before closing the checksum store: {source}; the store stays marked in use and the next start recovers it")]
+    ImageSync {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// At close, the checksum store cannot be written and marked clean.
+    #[error("cannot close the checksum store cleanly: {0}; the next start recovers it")]
+    StoreClose(#[source] IntegrityError),
+}
+
+/// The message of [`DeviceError::Store`]: the store's own message, which
+/// says what to do, except for a plain I/O error, which gets a remedy here.
+fn store_message(e: &IntegrityError) -> String {
+    match e {
+        IntegrityError::Io { .. } => format!(
+            "{e}; check the checksum store's path and permissions (--checksum-store), or pass --checksum off"
+        ),
+        _ => e.to_string(),
+    }
+}
 
 /// Counters of one virtqueue. Each queue has its own, so queues never share a
 /// cache line on the hot path; [`Device::counters`] sums them.
@@ -56,54 +203,236 @@ pub struct Counters {
     pub dropped: u64,
 }
 
-/// One served block device.
-pub struct Device {
-    /// What the driver sees (capacity, block size, queues, serial).
-    pub config: DeviceConfig,
-    /// The open, locked image.
-    pub image: Image,
-    /// One set of counters per virtqueue, indexed by queue index.
-    pub queue_counters: Vec<QueueCounters>,
-    /// `--null`: READ and WRITE complete without touching the image.
+/// The parts of a [`Device`] beyond its config and image, already built:
+/// what [`Device::open`] builds from a [`DeviceOptions`], given directly by
+/// tests. [`DeviceParts::default`] has the defaults of `pinblk serve` with no
+/// report file and no checksum store.
+pub struct DeviceParts {
+    /// READ and WRITE complete without touching the image.
     pub null: bool,
-    /// Pins of every in-flight READ and WRITE, all queues.
-    pub pins: PinTracker,
-    /// Whether READ and WRITE are pinned and checked (`--pin-tracking`).
+    /// Pin READ and WRITE buffers and check them for conflicts.
     pub pin_tracking: bool,
+    /// A pin held longer than this counts as long-term; the [`PinTracker`]
+    /// is built with it (one per device, one slot per queue).
+    pub longterm_after: Duration,
     /// What to do about conflicts.
     pub policy: PolicyConfig,
-    /// Where events go (log, counters and the `--report` file).
+    /// Where events go.
     pub report: ReportWriter,
-    /// Bytes of bounce buffers held now, all queues.
-    pub bounce_in_use: AtomicU64,
-    /// Per-block CRC32C of the image (`--checksum crc32c`), or `None` (`off`).
+    /// The open checksum store, or `None` (no checksums).
     pub store: Option<ChecksumStore>,
-    /// What a READ gets when a block fails verification.
+    /// What a READ of a block that fails verification gets.
     pub on_mismatch: OnMismatch,
+}
+
+impl Default for DeviceParts {
+    fn default() -> Self {
+        DeviceParts {
+            null: false,
+            pin_tracking: true,
+            longterm_after: Duration::from_secs(1),
+            policy: PolicyConfig::default(),
+            report: ReportWriter::open(None).expect("a report without a file cannot fail"),
+            store: None,
+            on_mismatch: OnMismatch::Report,
+        }
+    }
+}
+
+/// One served block device. Built once ([`Device::open`] or
+/// [`Device::from_parts`]) and never changed after; shared by every
+/// connection and queue behind an `Arc`.
+pub struct Device {
+    config: DeviceConfig,
+    image: Image,
+    queue_counters: Vec<QueueCounters>,
+    null: bool,
+    pins: PinTracker,
+    pin_tracking: bool,
+    policy: PolicyConfig,
+    report: ReportWriter,
+    bounce_in_use: AtomicU64,
+    store: Option<ChecksumStore>,
+    on_mismatch: OnMismatch,
     next_request_id: AtomicU64,
 }
 
 impl Device {
-    /// A device serving `image` as described by `config`.
-    pub fn new(config: DeviceConfig, image: Image) -> Device {
-        let num_queues = config.num_queues;
+    /// Opens the device `opts` describes: checks the options, opens (creating
+    /// if asked) and locks the image, opens the report file, builds the pin
+    /// tracker, and opens (creating or recovering) the checksum store unless
+    /// checksums are off or the device is `null`. Blocks re-checksummed after
+    /// an unclean shutdown are reported as `recovered` events. Logs what is
+    /// served and how.
+    ///
+    /// # Errors
+    /// [`DeviceError::NumQueues`], [`DeviceError::QueueSize`],
+    /// [`DeviceError::LogicalBlockSize`] for bad options;
+    /// [`DeviceError::Image`], [`DeviceError::Report`] or
+    /// [`DeviceError::Store`] if a file cannot be opened.
+    pub fn open(opts: &DeviceOptions) -> Result<Device, DeviceError> {
+        opts.validate()?;
+        let io = &opts.image_options;
+        let image = Image::open(&opts.image, io)?;
+        let config = DeviceConfig {
+            capacity_sectors: image.capacity_sectors(),
+            logical_block_size: io.logical_block_size,
+            num_queues: opts.num_queues,
+            queue_size: opts.queue_size,
+            read_only: io.read_only,
+            serial: opts.serial.clone(),
+        };
+        log::info!(
+            "serving {} ({} bytes, {} sectors{}) with {} queue(s) of up to {} entries",
+            image.path().display(),
+            image.size(),
+            image.capacity_sectors(),
+            if io.read_only { ", read-only" } else { "" },
+            opts.num_queues,
+            opts.queue_size
+        );
+        let report = ReportWriter::open(opts.report.as_deref())?;
+        if !opts.pin_tracking {
+            log::warn!("--pin-tracking off: no pins, no conflict detection, no policy");
+        }
+        let store = if opts.checksum && !opts.null {
+            open_store(opts, &image, &report)?
+        } else {
+            None
+        };
+        let p = &opts.policy;
+        log::info!(
+            "pin model: policy {}, bounce {:?}, stall timeout {:?}, long-term after {:?}{}",
+            p.policy.name(),
+            p.bounce_mode(),
+            p.stall_timeout,
+            opts.longterm_after,
+            p.read_delay
+                .map(|d| format!(
+                    ", injected READ delay {d:?} (p={})",
+                    p.read_delay_probability
+                ))
+                .unwrap_or_default()
+        );
+        if opts.null {
+            log::warn!(
+                "--null: READ and WRITE complete without touching the image; data is not stored"
+            );
+        }
+        Ok(Device::from_parts(
+            config,
+            image,
+            DeviceParts {
+                null: opts.null,
+                pin_tracking: opts.pin_tracking,
+                longterm_after: opts.longterm_after,
+                policy: opts.policy.clone(),
+                report,
+                store,
+                on_mismatch: opts.on_mismatch,
+            },
+        ))
+    }
+
+    /// A device serving `image` as described by `config`, from parts already
+    /// built (tests; [`Device::open`] ends here). The pin tracker is built
+    /// here, with one slot per queue of `config`.
+    pub fn from_parts(config: DeviceConfig, image: Image, parts: DeviceParts) -> Device {
         let queue_counters = (0..config.num_queues)
             .map(|_| QueueCounters::default())
             .collect();
         Device {
+            pins: PinTracker::new(config.num_queues, parts.longterm_after),
             config,
             image,
             queue_counters,
-            null: false,
-            pins: PinTracker::new(num_queues, std::time::Duration::from_secs(1)),
-            pin_tracking: true,
-            policy: PolicyConfig::default(),
-            report: ReportWriter::open(None).expect("a report without a file cannot fail"),
+            null: parts.null,
+            pin_tracking: parts.pin_tracking,
+            policy: parts.policy,
+            report: parts.report,
             bounce_in_use: AtomicU64::new(0),
-            store: None,
-            on_mismatch: OnMismatch::Report,
+            store: parts.store,
+            on_mismatch: parts.on_mismatch,
             next_request_id: AtomicU64::new(1),
         }
+    }
+
+    /// Closes the device at shutdown, once no connection is left: if there
+    /// is a checksum store, fdatasyncs the image and then closes the store
+    /// cleanly, so that the next start skips recovery.
+    ///
+    /// # Errors
+    /// [`DeviceError::ImageSync`] or [`DeviceError::StoreClose`]; the store
+    /// then stays marked in use and the next start recovers it.
+    pub fn close(self) -> Result<(), DeviceError> {
+        let Some(store) = self.store else {
+            return Ok(());
+        };
+        self.image
+            .file()
+            .sync_data()
+            .map_err(|source| DeviceError::ImageSync {
+                path: self.image.path().to_path_buf(),
+                source,
+            })?;
+        store.close().map_err(DeviceError::StoreClose)
+    }
+
+    /// What the driver sees (capacity, block size, queues, serial).
+    pub fn config(&self) -> &DeviceConfig {
+        &self.config
+    }
+
+    /// The open, locked image.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
+    /// One set of counters per virtqueue, indexed by queue index.
+    pub fn queue_counters(&self) -> &[QueueCounters] {
+        &self.queue_counters
+    }
+
+    /// `--null`: READ and WRITE complete without touching the image.
+    pub fn null(&self) -> bool {
+        self.null
+    }
+
+    /// Pins of every in-flight READ and WRITE, all queues.
+    pub fn pins(&self) -> &PinTracker {
+        &self.pins
+    }
+
+    /// Whether READ and WRITE are pinned and checked (`--pin-tracking`).
+    pub fn pin_tracking(&self) -> bool {
+        self.pin_tracking
+    }
+
+    /// What to do about conflicts.
+    pub fn policy(&self) -> &PolicyConfig {
+        &self.policy
+    }
+
+    /// Where events go (log, counters and the `--report` file).
+    pub fn report(&self) -> &ReportWriter {
+        &self.report
+    }
+
+    /// Bytes of bounce buffers held now, all queues (the worker adds and
+    /// subtracts; limited by [`PolicyConfig::bounce_pool_bytes`]).
+    pub fn bounce_in_use(&self) -> &AtomicU64 {
+        &self.bounce_in_use
+    }
+
+    /// Per-block CRC32C of the image (`--checksum crc32c`), or `None` (`off`,
+    /// `--null`, or a read-only device without a store).
+    pub fn store(&self) -> Option<&ChecksumStore> {
+        self.store.as_ref()
+    }
+
+    /// What a READ gets when a block fails verification.
+    pub fn on_mismatch(&self) -> OnMismatch {
+        self.on_mismatch
     }
 
     /// A fresh request id, unique for the life of the process, starting at 1.
@@ -137,5 +466,181 @@ impl Device {
             c.dropped += g(&q.dropped);
         }
         c
+    }
+}
+
+/// Opens the checksum store of `image`; after an unclean shutdown, the
+/// blocks re-checksummed from the image are reported as `recovered` through
+/// `report`. `Ok(None)` for a read-only device without a store (checksums off).
+fn open_store(
+    opts: &DeviceOptions,
+    image: &Image,
+    report: &ReportWriter,
+) -> Result<Option<ChecksumStore>, DeviceError> {
+    let read_only = opts.image_options.read_only;
+    let store_opts = StoreOptions {
+        store_path: opts.checksum_store.clone(),
+        image_size: Some(image.size()),
+        read_only,
+    };
+    let path = store_opts
+        .store_path
+        .clone()
+        .unwrap_or_else(|| default_store_path(&opts.image));
+    if read_only && !path.exists() {
+        log::warn!(
+            "read-only device and no checksum store at {}: checksums off",
+            path.display()
+        );
+        return Ok(None);
+    }
+    let (store, outcome) = ChecksumStore::open(&opts.image, &store_opts)?;
+    if outcome.created {
+        log::info!(
+            "created checksum store {} from the image",
+            store.path().display()
+        );
+    }
+    if outcome.unclean {
+        log::warn!(
+            "checksum store {} was not closed cleanly (crash or kill -9): {} block(s) re-checksummed from the image",
+            store.path().display(),
+            outcome.recovered.len()
+        );
+    }
+    for r in &outcome.recovered {
+        let mut e = ReportEvent::for_block(EventKind::Recovered, r.block, r.stored, r.found);
+        e.op = Some(ReportOp::Other);
+        e.detail = Some(
+            "unclean shutdown: the block may have been in flight; re-checksummed from the image"
+                .into(),
+        );
+        if let Err(err) = report.emit(&e) {
+            log::error!("cannot write report event: {err}");
+        }
+    }
+    Ok(Some(store))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    /// Options for `dir/disk.img`, created with 1 MiB if missing.
+    fn opts(dir: &std::path::Path) -> DeviceOptions {
+        let mut o = DeviceOptions::new(dir.join("disk.img"));
+        o.image_options.create_size = Some(1 << 20);
+        o
+    }
+
+    #[test]
+    fn open_builds_everything_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.num_queues = 3;
+        o.queue_size = 64;
+        o.serial = "sn".into();
+        o.report = Some(dir.path().join("r.jsonl"));
+        o.on_mismatch = OnMismatch::Eio;
+        o.policy.stall_timeout = Duration::from_millis(7);
+        let dev = Device::open(&o).unwrap();
+        assert_eq!(dev.config().num_queues, 3);
+        assert_eq!(dev.config().queue_size, 64);
+        assert_eq!(dev.config().serial, "sn");
+        assert_eq!(dev.config().capacity_sectors, 2048);
+        assert_eq!(dev.queue_counters().len(), 3);
+        assert_eq!(dev.image().size(), 1 << 20);
+        assert!(dev.pin_tracking() && !dev.null());
+        assert_eq!(dev.on_mismatch(), OnMismatch::Eio);
+        assert_eq!(dev.policy(), &o.policy);
+        assert_eq!(dev.report().path(), o.report.as_deref());
+        assert!(dev.store().is_some());
+        assert!(default_store_path(&o.image).exists());
+        assert_eq!(dev.next_request_id(), 1);
+        assert_eq!(dev.next_request_id(), 2);
+        dev.close().unwrap();
+    }
+
+    #[test]
+    fn no_store_when_checksums_are_off_or_null() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.checksum = false;
+        assert!(Device::open(&o).unwrap().store().is_none());
+        o.checksum = true;
+        o.null = true;
+        let dev = Device::open(&o).unwrap();
+        assert!(dev.store().is_none() && dev.null());
+        assert!(!default_store_path(&o.image).exists());
+        dev.close().unwrap();
+        // Read-only without a store: checksums off, nothing created.
+        o.null = false;
+        o.image_options.read_only = true;
+        assert!(Device::open(&o).unwrap().store().is_none());
+        assert!(!default_store_path(&o.image).exists());
+    }
+
+    #[test]
+    fn typed_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.num_queues = 0;
+        assert!(matches!(Device::open(&o), Err(DeviceError::NumQueues(0))));
+        o.num_queues = 1;
+        o.queue_size = 100;
+        assert!(matches!(Device::open(&o), Err(DeviceError::QueueSize(100))));
+        o.queue_size = 256;
+        o.image_options.logical_block_size = 1024;
+        assert!(matches!(
+            Device::open(&o),
+            Err(DeviceError::LogicalBlockSize(1024))
+        ));
+        o.image_options.logical_block_size = 512;
+
+        let first = Device::open(&o).unwrap();
+        let e = Device::open(&o).err().unwrap();
+        assert!(
+            matches!(e, DeviceError::Image(StorageError::Locked(_))),
+            "{e}"
+        );
+        assert!(e.to_string().contains("already in use"), "{e}");
+        drop(first);
+
+        o.report = Some(dir.path().join("no/such/dir/r.jsonl"));
+        let e = Device::open(&o).err().unwrap();
+        assert!(matches!(e, DeviceError::Report(_)), "{e}");
+        assert!(e.to_string().contains("--report"), "{e}");
+
+        o.report = None;
+        std::fs::write(default_store_path(&o.image), b"not a store").unwrap();
+        let e = Device::open(&o).err().unwrap();
+        assert!(matches!(e, DeviceError::Store(_)), "{e}");
+        assert!(e.to_string().contains("--checksum off"), "{e}");
+    }
+
+    #[test]
+    fn unclean_store_is_recovered_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.report = Some(dir.path().join("r.jsonl"));
+        // Dropped without close: the store stays marked in use.
+        drop(Device::open(&o).unwrap());
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&o.image)
+            .unwrap();
+        f.write_all_at(&[0xab; 16], 3 * 4096).unwrap();
+        let dev = Device::open(&o).unwrap();
+        let text = std::fs::read_to_string(o.report.as_ref().unwrap()).unwrap();
+        let ev: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(ev.len(), 1, "{text}");
+        assert_eq!(ev[0]["kind"], "recovered");
+        assert_eq!(ev[0]["block"], 3);
+        dev.close().unwrap();
     }
 }

@@ -1,165 +1,86 @@
-//! The `pinblk` binary.
+//! The `pinblk` binary: parses the command line, runs the subcommand, and
+//! turns any error into one line `pinblk: error: ...` on stderr and a
+//! non-zero exit status (2 for a usage error, 1 otherwise).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{CommandFactory, Parser};
-use pinblk::cli::{Cli, Command, ServeArgs, CAPABILITIES};
-use pinblk::device::Device;
-use std::path::Path;
+use pinblk::cli::{ArgsError, Cli, Command, ServeArgs, CAPABILITIES};
+use pinblk::device::{Device, DeviceError, DeviceOptions};
+use pinblk::integrity::{default_store_path, IntegrityError};
+use pinblk::report::ReportError;
+use pinblk::vhost::server::ServeError;
 
-use pinblk::cli::{Checksum, OnOff};
-use pinblk::integrity::{default_store_path, ChecksumStore, StoreOptions};
-use pinblk::pin::policy::{BounceMode, PolicyConfig};
-use pinblk::report::{EventKind, ReportEvent, ReportOp, ReportWriter};
-use pinblk::storage::{Image, ImageOptions};
-use pinblk::virtio_blk::config::DeviceConfig;
+/// Everything that makes `pinblk` exit with an error. Each message says what
+/// went wrong and what to do; `main` prints it once.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    /// Arguments that contradict each other (exit status 2).
+    #[error(transparent)]
+    Args(#[from] ArgsError),
+    /// The device cannot be opened.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The socket or a connection failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// `pinblk report`: the report file cannot be read.
+    #[error("{0}; pass the file written by `pinblk serve --report`")]
+    Report(#[from] ReportError),
+    /// `pinblk scrub`: the image or its store cannot be read.
+    #[error("{}", scrub_message(.0))]
+    Scrub(#[from] IntegrityError),
+}
 
-fn serve(args: ServeArgs) -> Result<(), String> {
-    let image = Image::open(
-        &args.image,
-        &ImageOptions {
-            create_size: args.size,
-            read_only: args.read_only,
-            direct: args.direct,
-            logical_block_size: args.logical_block_size,
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let config = DeviceConfig {
-        capacity_sectors: image.capacity_sectors(),
-        logical_block_size: args.logical_block_size,
-        num_queues: args.num_queues,
-        queue_size: args.queue_size,
-        read_only: args.read_only,
-        serial: args.serial.clone(),
-    };
-    log::info!(
-        "serving {} ({} bytes, {} sectors{}) with {} queue(s) of up to {} entries",
-        image.path().display(),
-        image.size(),
-        image.capacity_sectors(),
-        if args.read_only { ", read-only" } else { "" },
-        args.num_queues,
-        args.queue_size
-    );
-    let mut dev = Device::new(config, image);
-    dev.null = args.null;
-    dev.pins = pinblk::pin::PinTracker::new(args.num_queues, args.longterm_after);
-    dev.policy = PolicyConfig {
-        policy: args.policy,
-        bounce_always: args.bounce == BounceMode::Always,
-        stall_timeout: args.stall_timeout,
-        read_delay: args.inject_read_delay,
-        read_delay_probability: args.inject_read_probability,
-        bounce_pool_bytes: args.bounce_pool,
-    };
-    dev.report = ReportWriter::open(args.report.as_deref()).map_err(|e| e.to_string())?;
-    dev.on_mismatch = args.on_mismatch;
-    dev.pin_tracking = args.pin_tracking == OnOff::On;
-    if !dev.pin_tracking {
-        log::warn!("--pin-tracking off: no pins, no conflict detection, no policy");
+/// The message of [`Error::Scrub`]: the store's own message, which says what
+/// to do, except for a plain I/O error, which gets a remedy here.
+fn scrub_message(e: &IntegrityError) -> String {
+    match e {
+        IntegrityError::Io { .. } => {
+            format!("{e}; check the --image and --checksum-store paths and their permissions")
+        }
+        _ => e.to_string(),
     }
-    if args.checksum == Checksum::Crc32c && !args.null {
-        dev.store = open_store(&args, &dev)?;
+}
+
+impl Error {
+    /// The exit status: 2 for a usage error (as for a bad flag), 1 otherwise.
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Args(_) => ExitCode::from(2),
+            _ => ExitCode::FAILURE,
+        }
     }
-    log::info!(
-        "pin model: policy {}, bounce {:?}, stall timeout {:?}, long-term after {:?}{}",
-        args.policy.name(),
-        args.bounce,
-        args.stall_timeout,
-        args.longterm_after,
-        args.inject_read_delay
-            .map(|d| format!(
-                ", injected READ delay {d:?} (p={})",
-                args.inject_read_probability
-            ))
-            .unwrap_or_default()
-    );
-    if args.null {
-        log::warn!(
-            "--null: READ and WRITE complete without touching the image; data is not stored"
-        );
-    }
-    let dev = Arc::new(dev);
-    pinblk::vhost::server::serve(dev.clone(), &args.socket, args.max_connections)
-        .map_err(|e| e.to_string())?;
+}
+
+fn serve(args: ServeArgs) -> Result<(), Error> {
+    let socket: PathBuf = args.socket.clone();
+    let max_connections = args.max_connections;
+    let opts = DeviceOptions::try_from(args)?;
+    let dev = Arc::new(Device::open(&opts)?);
+    pinblk::vhost::server::serve(dev.clone(), &socket, max_connections)?;
     log::info!("stopped; counters: {}", dev.counters_json());
     // Every connection is gone: the device is ours alone again.
     if let Ok(dev) = Arc::try_unwrap(dev) {
-        if let Some(store) = dev.store {
-            let closed = dev
-                .image
-                .file()
-                .sync_data()
-                .map_err(|e| e.to_string())
-                .and_then(|()| store.close().map_err(|e| e.to_string()));
-            match closed {
-                Ok(()) => log::info!("checksum store closed cleanly"),
-                Err(e) => log::error!(
-                    "checksum store not closed cleanly ({e}); the next start recovers it"
-                ),
-            }
+        let had_store = dev.store().is_some();
+        match dev.close() {
+            Ok(()) if had_store => log::info!("checksum store closed cleanly"),
+            Ok(()) => {}
+            Err(e) => log::error!("checksum store not closed cleanly ({e})"),
         }
     }
     Ok(())
 }
 
-/// Opens the checksum store; after an unclean shutdown, the blocks
-/// re-checksummed from the image are reported as `recovered`.
-fn open_store(args: &ServeArgs, dev: &Device) -> Result<Option<ChecksumStore>, String> {
-    let opts = StoreOptions {
-        store_path: args.checksum_store.clone(),
-        image_size: Some(dev.image.size()),
-        read_only: args.read_only,
-    };
-    let path = opts
-        .store_path
-        .clone()
-        .unwrap_or_else(|| default_store_path(&args.image));
-    if args.read_only && !path.exists() {
-        log::warn!(
-            "read-only device and no checksum store at {}: checksums off",
-            path.display()
-        );
-        return Ok(None);
-    }
-    let (store, outcome) = ChecksumStore::open(&args.image, &opts).map_err(|e| e.to_string())?;
-    if outcome.created {
-        log::info!(
-            "created checksum store {} from the image",
-            store.path().display()
-        );
-    }
-    if outcome.unclean {
-        log::warn!(
-            "checksum store {} was not closed cleanly (crash or kill -9): {} block(s) re-checksummed from the image",
-            store.path().display(),
-            outcome.recovered.len()
-        );
-    }
-    for r in &outcome.recovered {
-        let mut e = ReportEvent::for_block(EventKind::Recovered, r.block, r.stored, r.found);
-        e.op = Some(ReportOp::Other);
-        e.detail = Some(
-            "unclean shutdown: the block may have been in flight; re-checksummed from the image"
-                .into(),
-        );
-        if let Err(err) = dev.report.emit(&e) {
-            log::error!("cannot write report event: {err}");
-        }
-    }
-    Ok(Some(store))
-}
-
-fn report(path: &Path) -> Result<(), String> {
-    let summary = pinblk::report::summary::summarize(path).map_err(|e| e.to_string())?;
+fn report(path: &Path) -> Result<(), Error> {
+    let summary = pinblk::report::summary::summarize(path)?;
     println!("{summary}");
     Ok(())
 }
 
 /// Offline verification with a progress line; `Ok(false)` on any mismatch.
-fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, String> {
+fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, Error> {
     let store = store
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_store_path(image));
@@ -173,8 +94,7 @@ fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, String> {
                 image.display()
             );
         }
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     eprintln!();
     for m in &r.mismatches {
         println!(
@@ -195,7 +115,7 @@ fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     if cli.print_capabilities {
         println!("{CAPABILITIES}");
@@ -213,7 +133,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         None => {
-            let _ = Cli::command().print_help();
+            let _ = Cli::print_help();
             return ExitCode::from(2);
         }
     };
@@ -221,7 +141,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pinblk: error: {e}");
-            ExitCode::FAILURE
+            e.exit_code()
         }
     }
 }

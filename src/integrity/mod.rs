@@ -30,7 +30,7 @@ pub use store::{
 use std::sync::OnceLock;
 
 /// `--on-mismatch`: what a READ gets when a block fails verification.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnMismatch {
     /// Report the checksum failure; the READ completes with the data.
     Report,

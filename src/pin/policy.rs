@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::pin::PinConflict;
 
 /// `--policy`: the per-device answer to a conflict.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     /// Zero-copy always; conflicts are only detected and reported (what a
@@ -37,7 +37,7 @@ impl Policy {
 }
 
 /// `--bounce`: which writes are copied before they are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BounceMode {
     /// Only writes the policy decides to bounce.
     Conflicts,
@@ -46,7 +46,7 @@ pub enum BounceMode {
 }
 
 /// The pin-model settings of a device.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PolicyConfig {
     /// What to do on a conflict.
     pub policy: Policy,
@@ -60,6 +60,17 @@ pub struct PolicyConfig {
     pub read_delay_probability: f64,
     /// Bytes of bounce buffers the device may hold at once (all queues).
     pub bounce_pool_bytes: u64,
+}
+
+impl PolicyConfig {
+    /// Which writes are bounced, as `--bounce` names it (`bounce_always`).
+    pub fn bounce_mode(&self) -> BounceMode {
+        if self.bounce_always {
+            BounceMode::Always
+        } else {
+            BounceMode::Conflicts
+        }
+    }
 }
 
 impl Default for PolicyConfig {

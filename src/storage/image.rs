@@ -55,7 +55,7 @@ pub struct Image {
 }
 
 /// How to open an image.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImageOptions {
     /// Create a sparse image of this many bytes if the file does not exist.
     pub create_size: Option<u64>,

@@ -35,7 +35,7 @@ impl BlkBackend {
     /// # Errors
     /// [`WorkerError`] if a queue's io_uring or an eventfd cannot be created.
     pub fn new(dev: Arc<Device>, mem: GuestMemAtomic) -> Result<Self, WorkerError> {
-        let nq = dev.config.num_queues;
+        let nq = dev.config().num_queues;
         let workers = (0..nq)
             .map(|i| QueueWorker::new(dev.clone(), mem.clone(), i).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
@@ -56,7 +56,7 @@ impl BlkBackend {
 
     /// The event id under which a worker's completion eventfd is registered.
     pub fn completion_event_id(&self) -> u64 {
-        u64::from(self.dev.config.num_queues) + 1
+        u64::from(self.dev.config().num_queues) + 1
     }
 
     /// Locks the worker of queue `index`.
@@ -84,15 +84,15 @@ impl VhostUserBackend for BlkBackend {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        usize::from(self.dev.config.num_queues)
+        usize::from(self.dev.config().num_queues)
     }
 
     fn max_queue_size(&self) -> usize {
-        usize::from(self.dev.config.queue_size)
+        usize::from(self.dev.config().queue_size)
     }
 
     fn features(&self) -> u64 {
-        self.dev.config.features()
+        self.dev.config().features()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -107,7 +107,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.dev.config.read_config(offset, size)
+        self.dev.config().read_config(offset, size)
     }
 
     fn update_memory(&self, mem: GuestMemAtomic) -> std::io::Result<()> {

@@ -417,4 +417,3 @@ fn range_helpers_cross_descriptors() {
     m.read_slice(&mut one, GuestAddress(DATA + 0x100)).unwrap();
     assert_eq!(one[0], 4);
 }
-

@@ -71,4 +71,3 @@ pub(crate) fn outhdr(kind: u32, sector: u64) -> [u8; 16] {
     h[8..16].copy_from_slice(&sector.to_le_bytes());
     h
 }
-

@@ -10,7 +10,7 @@ use crate::report::{gpa_range, EventKind, ReportEvent, ReportOp, Rule as ReportR
 
 /// Logs and records a report event; a failing report file is logged, not fatal.
 pub(super) fn emit(dev: &Device, e: &ReportEvent) {
-    if let Err(err) = dev.report.emit(e) {
+    if let Err(err) = dev.report().emit(e) {
         log::error!("cannot write report event: {err}");
     }
 }
@@ -42,7 +42,7 @@ pub(super) fn conflict_event(
         ReportRule::R2
     };
     e.rule = Some(rule);
-    e.policy = Some(dev.policy.policy.name().into());
+    e.policy = Some(dev.policy().policy.name().into());
     let action = match action {
         Action::ZeroCopy => "passthrough",
         Action::Bounce => "bounce",

@@ -47,7 +47,7 @@ impl QueueWorker {
 
     /// At submission of a WRITE: the CRC32C of every 4 KiB chunk of the bytes submitted.
     pub(super) fn integrity_submit(&mut self, slot: u32) {
-        if self.dev.store.is_none() {
+        if self.dev.store().is_none() {
             return;
         }
         let f = self.jobs.get_mut(slot).expect("slot in use");
@@ -64,7 +64,7 @@ impl QueueWorker {
 
     /// At completion, before the used element is pushed.
     pub(super) fn integrity_complete(&mut self, f: &mut Job) {
-        if self.dev.store.is_none() || f.status != VIRTIO_BLK_S_OK as u8 {
+        if self.dev.store().is_none() || f.status != VIRTIO_BLK_S_OK as u8 {
             return;
         }
         let submitted = f.transfer().map_or(0, |t| t.submitted_crcs.len());
@@ -76,8 +76,8 @@ impl QueueWorker {
             return;
         }
         let dev = self.dev.clone();
-        let store = dev.store.as_ref().expect("checked above");
-        let image = dev.image.file();
+        let store = dev.store().expect("checked above");
+        let image = dev.image().file();
         let read_image = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
         let offset = f.req.sector().bytes();
         let len = u64::from(f.req.data_len);
@@ -133,7 +133,7 @@ impl QueueWorker {
             let chunk_off = offset + i as u64 * BLOCK_SIZE;
             let chunk_len = (u64::from(f.req.data_len) - i as u64 * BLOCK_SIZE).min(BLOCK_SIZE);
             let mut disk = vec![0u8; chunk_len as usize];
-            let on_disk = match self.dev.image.file().read_exact_at(&mut disk, chunk_off) {
+            let on_disk = match self.dev.image().file().read_exact_at(&mut disk, chunk_off) {
                 Ok(()) => crc32c(&disk),
                 Err(e) => {
                     log::warn!("request {}: cannot read back torn block: {e}", f.id);
@@ -167,7 +167,7 @@ impl QueueWorker {
     /// reported as a `checksum_failure`.
     fn verify_read(&mut self, f: &mut Job) {
         let dev = self.dev.clone();
-        let store = dev.store.as_ref().expect("checked by caller");
+        let store = dev.store().expect("checked by caller");
         let offset = f.req.sector().bytes();
         let mismatches = match Self::data_now(&mut self.scratch, f) {
             Some(data) => match store.verify(offset, &[data]) {
@@ -184,7 +184,7 @@ impl QueueWorker {
             let mut buf = vec![0u8; blen];
             let recheck = match self
                 .dev
-                .image
+                .image()
                 .file()
                 .read_exact_at(&mut buf, m.block * BLOCK_SIZE)
             {
@@ -215,7 +215,7 @@ impl QueueWorker {
                 m.block * BLOCK_SIZE - offset.min(m.block * BLOCK_SIZE),
                 blen as u64,
             );
-            if self.dev.on_mismatch == OnMismatch::Eio {
+            if self.dev.on_mismatch() == OnMismatch::Eio {
                 e.action = Some("eio".into());
                 f.status = VIRTIO_BLK_S_IOERR as u8;
             } else {
@@ -229,7 +229,7 @@ impl QueueWorker {
         e.request_id = Some(f.id);
         e.queue = Some(self.index);
         e.op = Some(op);
-        e.policy = Some(self.dev.policy.policy.name().into());
+        e.policy = Some(self.dev.policy().policy.name().into());
         if e.action.is_none() {
             e.action = Some(
                 if f.bounce().is_some() {

@@ -208,9 +208,9 @@ impl QueueWorker {
         chain: virtio_queue::DescriptorChain<Arc<GuestMem>>,
     ) {
         let limits = Limits {
-            capacity: self.dev.image.capacity_sectors(),
-            logical_block_size: self.dev.config.logical_block_size,
-            read_only: self.dev.config.read_only,
+            capacity: self.dev.image().capacity_sectors(),
+            logical_block_size: self.dev.config().logical_block_size,
+            read_only: self.dev.config().read_only,
         };
         let req = match parse(chain, &limits) {
             Ok(req) => req,
@@ -292,7 +292,7 @@ impl QueueWorker {
     /// GET_ID: the serial (at most 20 bytes) into the data buffer.
     fn get_id(&mut self, mem: &GuestMem, req: &Request) {
         let mut id = [0u8; ID_LEN];
-        let serial = self.dev.config.serial.as_bytes();
+        let serial = self.dev.config().serial.as_bytes();
         let n = serial.len().min(ID_LEN);
         id[..n].copy_from_slice(&serial[..n]);
         let n = (req.data_len as usize).min(ID_LEN);
@@ -317,8 +317,8 @@ impl QueueWorker {
         if !matches!(job.io, Io::Transfer(_)) {
             return self.go(slot, false, false);
         }
-        if !dev.pin_tracking {
-            let bounce = is_write && dev.policy.bounce_always;
+        if !dev.pin_tracking() {
+            let bounce = is_write && dev.policy().bounce_always;
             return self.go(slot, bounce, false);
         }
         let dir = if is_write {
@@ -326,10 +326,10 @@ impl QueueWorker {
         } else {
             Direction::DeviceWrite
         };
-        let pin = dev.pins.pin(index, job.id, dir, &job.req.data);
-        let conflicts = dev.pins.check(&pin, &job.req.data);
+        let pin = dev.pins().pin(index, job.id, dir, &job.req.data);
+        let conflicts = dev.pins().check(&pin, &job.req.data);
         job.pin = Some(pin);
-        let (action, no_stall) = decide(&dev.policy, is_write, &conflicts);
+        let (action, no_stall) = decide(dev.policy(), is_write, &conflicts);
         if conflicts.is_empty() {
             return self.go(slot, action == Action::Bounce, false);
         }
@@ -348,14 +348,14 @@ impl QueueWorker {
                 let waits: Vec<PinRef> = conflicts
                     .iter()
                     .map(|c| c.by.pin)
-                    .filter(|p| dev.pins.watch(p, index))
+                    .filter(|p| dev.pins().watch(p, index))
                     .collect();
                 let now = Instant::now();
                 self.park(
                     slot,
                     Park::Stalled {
                         since: now,
-                        deadline: now + dev.policy.stall_timeout,
+                        deadline: now + dev.policy().stall_timeout,
                         waits,
                         event: Box::new(event),
                     },
@@ -375,7 +375,7 @@ impl QueueWorker {
         let dev = self.dev.clone();
         let job = self.job(slot);
         if let Some(pin) = &job.pin {
-            dev.pins.mark_submitted(pin);
+            dev.pins().mark_submitted(pin);
         }
         self.integrity_submit(slot);
         self.issue(slot)
@@ -387,9 +387,9 @@ impl QueueWorker {
         let dev = self.dev.clone();
         let job = self.job(slot);
         let len = u64::from(job.req.data_len);
-        let limit = dev.policy.bounce_pool_bytes;
+        let limit = dev.policy().bounce_pool_bytes;
         let reserved =
-            dev.bounce_in_use
+            dev.bounce_in_use()
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                     // An empty pool always serves one request, however large.
                     (force || used == 0 || used + len <= limit).then_some(used + len)
@@ -530,8 +530,8 @@ impl QueueWorker {
         let job = self.job(slot);
         if matches!(job.stage, Stage::Submitted { pending: 0 }) {
             if job.is_read() && job.status == OK {
-                if let Some(delay) = self.dev.policy.read_delay {
-                    if self.rng.f64() < self.dev.policy.read_delay_probability {
+                if let Some(delay) = self.dev.policy().read_delay {
+                    if self.rng.f64() < self.dev.policy().read_delay_probability {
                         return self.delay(slot, delay);
                     }
                 }
@@ -554,7 +554,7 @@ impl QueueWorker {
                 );
                 self.zero_range_unsupported = true;
             }
-            if let Err(e) = self.dev.image.write_zeroes_sync(s.offset(), s.len()) {
+            if let Err(e) = self.dev.image().write_zeroes_sync(s.offset(), s.len()) {
                 log::error!("queue {index} request {id}: writing zeroes failed: {e}");
                 self.job(slot).status = IOERR;
             }
@@ -589,7 +589,7 @@ impl QueueWorker {
                 }
             }
             self.dev
-                .bounce_in_use
+                .bounce_in_use()
                 .fetch_sub(b.len() as u64, Ordering::AcqRel);
         }
         let c = self.counters();
@@ -614,7 +614,7 @@ impl QueueWorker {
             used_len,
         );
         if let Some(pin) = job.pin.take() {
-            self.dev.pins.unpin(pin);
+            self.dev.pins().unpin(pin);
         }
     }
 }

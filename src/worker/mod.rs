@@ -73,9 +73,11 @@ impl QueueWorker {
     /// # Errors
     /// [`WorkerError::Setup`] if io_uring or its completion eventfd cannot be created.
     pub fn new(dev: Arc<Device>, mem: GuestMemAtomic, index: u16) -> Result<Self, WorkerError> {
-        let entries = u32::from(dev.config.queue_size).next_power_of_two().max(8);
-        let file = dev.image.file();
-        let engine = if dev.null {
+        let entries = u32::from(dev.config().queue_size)
+            .next_power_of_two()
+            .max(8);
+        let file = dev.image().file();
+        let engine = if dev.null() {
             Engine::null(file, entries)
         } else {
             Engine::uring(file, entries)
@@ -106,7 +108,7 @@ impl QueueWorker {
                 queue: index,
                 source,
             })?;
-        dev.pins.set_waker(
+        dev.pins().set_waker(
             index,
             Some(Arc::new(move || {
                 let _ = waker_fd.write(1);
@@ -147,7 +149,7 @@ impl QueueWorker {
     }
 
     fn counters(&self) -> &QueueCounters {
-        &self.dev.queue_counters[usize::from(self.index)]
+        &self.dev.queue_counters()[usize::from(self.index)]
     }
 
     /// Handles a kick: pops every available descriptor chain and starts it.

@@ -86,7 +86,7 @@ impl QueueWorker {
                     waits,
                     mut event,
                 }) => {
-                    let released = waits.iter().all(|w| dev.pins.is_released(w));
+                    let released = waits.iter().all(|w| dev.pins().is_released(w));
                     if released || force || now >= deadline {
                         event.stall_us = Some(since.elapsed().as_micros() as u64);
                         let action = if released {

@@ -8,7 +8,7 @@
 //! A READ is held in flight with `read_delay` (probability 1.0): its I/O lands
 //! and its completion and pin are held back until the delay ends. A WRITE
 //! cannot be held that way, so an in-flight WRITE (R2) is simulated by pinning
-//! the buffer directly in the device's [`PinTracker`] on queue 0.
+//! the buffer directly in the device's [`PinTracker`](crate::pin::PinTracker) on queue 0.
 //!
 //! Every test checks the `conflict` events read back from the JSON Lines
 //! report, the used rings, the status bytes, the image and the guest buffers,
@@ -23,14 +23,14 @@ use serde_json::Value;
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
 use super::test_util::{
-    device, fill, guest_memory, image_bytes, image_file, pattern, peek, report_lines, vring,
+    device_with, fill, guest_memory, image_bytes, image_file, pattern, peek, report_lines, vring,
     Driver, Io, IMAGE_SIZE, IOERR, OK,
 };
 use super::{GuestMem, QueueWorker, Vring};
-use crate::device::Device;
+use crate::device::{Device, DeviceParts};
 use crate::guest::GuestRange;
 use crate::pin::policy::{Policy, PolicyConfig};
-use crate::pin::{Direction, PinHandle, PinTracker};
+use crate::pin::{Direction, PinHandle};
 use crate::report::ReportWriter;
 
 /// Where each queue's descriptor table and rings are.
@@ -112,11 +112,18 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let (image_path, image) = image_file(dir.path(), false);
         let report_path = dir.path().join("report.jsonl");
-        let mut dev = device(image, 2, false, "pinblk-policy-test");
-        dev.policy = policy;
-        dev.pins = PinTracker::new(2, longterm_after);
-        dev.report = ReportWriter::open(Some(&report_path)).unwrap();
-        let dev = Arc::new(dev);
+        let dev = Arc::new(device_with(
+            image,
+            2,
+            false,
+            "pinblk-policy-test",
+            DeviceParts {
+                policy,
+                longterm_after,
+                report: ReportWriter::open(Some(&report_path)).unwrap(),
+                ..DeviceParts::default()
+            },
+        ));
         let (mem, gm) = guest_memory();
         let mut vrings = Vec::new();
         let mut workers = Vec::new();
@@ -216,7 +223,7 @@ impl Rig {
         for w in &self.workers {
             assert_eq!(w.inflight(), 0);
         }
-        let c = self.dev.pins.counters();
+        let c = self.dev.pins().counters();
         assert_eq!(c.pins_acquired, c.pins_released, "pin counters {c:?}");
         assert_eq!(c.pinned_pages, 0, "pin counters {c:?}");
         assert_eq!(c.inflight_pins, 0, "pin counters {c:?}");
@@ -225,7 +232,7 @@ impl Rig {
 
     /// Bytes of bounce buffers held now.
     fn bounce_in_use(&self) -> u64 {
-        self.dev.bounce_in_use.load(Ordering::Relaxed)
+        self.dev.bounce_in_use().load(Ordering::Relaxed)
     }
 }
 
@@ -245,7 +252,7 @@ impl Driver<'_> {
 /// waits until its data has landed in B; the READ stays in flight (held by
 /// `read_delay`, pinned, submitted). Returns it.
 fn start_held_read(rig: &mut Rig, d0: &mut Driver<'_>) -> Io {
-    assert!(rig.dev.policy.read_delay.is_some());
+    assert!(rig.dev.policy().read_delay.is_some());
     fill(d0.mem, B, &[FILL; LEN as usize]);
     let rd = d0.read_into(SRC, B);
     rig.kick(0);
@@ -254,7 +261,7 @@ fn start_held_read(rig: &mut Rig, d0: &mut Driver<'_>) -> Io {
         peek(mem, B, LEN as usize) == sector_data(SRC)
     });
     d0.expect_pending(&rd);
-    let by = rig.dev.pins.pinned_by(&[b_range()], None, None);
+    let by = rig.dev.pins().pinned_by(&[b_range()], None, None);
     assert_eq!(by.len(), 1, "{by:?}");
     assert_eq!((by[0].queue, by[0].direction), (0, Direction::DeviceWrite));
     assert!(by[0].submitted, "a READ under I/O is submitted");
@@ -381,16 +388,16 @@ fn r1_stall_waits_for_the_read() {
     // The stalled WRITE is pinned but not submitted: nobody may wait on it.
     let w = rig
         .dev
-        .pins
+        .pins()
         .pinned_by(&[b_range()], Some(Direction::DeviceRead), None);
     assert_eq!(w.len(), 1, "{w:?}");
     assert_eq!((w[0].queue, w[0].id, w[0].submitted), (1, 2, false));
     // The READ completes (its unpin wakes queue 1, which watches it), then
     // the WRITE goes.
-    let gen = rig.dev.pins.release_generation();
+    let gen = rig.dev.pins().release_generation();
     rig.drain(0);
     assert!(
-        rig.dev.pins.release_generation() > gen,
+        rig.dev.pins().release_generation() > gen,
         "watched pin released"
     );
     d0.expect(&rd, OK, LEN + 1);
@@ -424,7 +431,11 @@ fn r1_stall_timeout_bounces() {
     assert!(t.elapsed() >= Duration::from_millis(20));
     d1.expect(&wr, OK, 1);
     d0.expect_pending(&rd);
-    assert!(!rig.dev.pins.pinned_by(&[b_range()], None, None).is_empty());
+    assert!(!rig
+        .dev
+        .pins()
+        .pinned_by(&[b_range()], None, None)
+        .is_empty());
     assert_eq!(rig.image_at(DST), sector_data(SRC));
     let e = rig.the_conflict();
     assert_r1_event(&e, "stall", "stall_timeout_bounce", 2, 1);
@@ -461,7 +472,7 @@ fn long_term_pin_is_never_waited_on() {
     assert!(detail.contains("long-term"), "{e}");
     rig.drain(1);
     finish_held_read(&mut rig, &d0, &rd);
-    assert!(rig.dev.pins.counters().longterm_pins >= 1);
+    assert!(rig.dev.pins().counters().longterm_pins >= 1);
     rig.assert_idle();
 }
 
@@ -471,9 +482,9 @@ fn long_term_pin_is_never_waited_on() {
 fn simulated_write(rig: &Rig) -> PinHandle {
     let h = rig
         .dev
-        .pins
+        .pins()
         .pin(0, 999, Direction::DeviceRead, &[b_range()]);
-    rig.dev.pins.mark_submitted(&h);
+    rig.dev.pins().mark_submitted(&h);
     h
 }
 
@@ -492,7 +503,7 @@ fn start_r2(rig: &mut Rig, d1: &mut Driver<'_>) -> (PinHandle, Io) {
 /// simulated WRITE is unpinned and nothing is left.
 fn finish_r2(rig: &Rig, h: PinHandle, policy: &str) {
     assert_r2_event(&rig.the_conflict(), policy, policy);
-    rig.dev.pins.unpin(h);
+    rig.dev.pins().unpin(h);
     rig.assert_idle();
 }
 
@@ -566,7 +577,7 @@ fn r2_stall_waits_for_the_unpin() {
         assert_eq!(peek(&gm, B, LEN as usize), [FILL; LEN as usize]);
     });
     assert!(rig.conflicts().is_empty(), "event before the stall ended");
-    rig.dev.pins.unpin(h);
+    rig.dev.pins().unpin(h);
     rig.poke_until(1, "stalled READ completing", || d1.done(&rd));
     d1.expect(&rd, OK, LEN + 1);
     assert_eq!(peek(&gm, B, LEN as usize), sector_data(SRC));
@@ -588,7 +599,7 @@ fn stall_never_waits_on_an_unsubmitted_pin() {
     // A READ into B on queue 0, pinned but itself still waiting (not submitted).
     let h = rig
         .dev
-        .pins
+        .pins()
         .pin(0, 999, Direction::DeviceWrite, &[b_range()]);
     let wr = d1.write_from(DST, B);
     rig.kick(1);
@@ -604,7 +615,7 @@ fn stall_never_waits_on_an_unsubmitted_pin() {
     assert!(e.get("stall_us").is_none(), "{e}");
     let detail = e["detail"].as_str().expect("detail");
     assert!(detail.contains("itself waiting"), "{e}");
-    rig.dev.pins.unpin(h);
+    rig.dev.pins().unpin(h);
     rig.drain(1);
     rig.assert_idle();
 }
@@ -620,7 +631,7 @@ fn stalled_request_is_never_waited_on() {
     let (rd1, wr) = start_r1(&mut rig, &mut d0, &mut d1);
     rig.poke_for(1, Duration::from_millis(5), || d1.expect_pending(&wr));
     // Who pins B: the READ (submitted) and the stalled WRITE (not submitted).
-    let mut by = rig.dev.pins.pinned_by(&[b_range()], None, None);
+    let mut by = rig.dev.pins().pinned_by(&[b_range()], None, None);
     by.sort_by_key(|p| p.queue);
     assert_eq!(by.len(), 2, "{by:?}");
     assert_eq!((by[0].queue, by[0].id, by[0].submitted), (0, 1, true));
@@ -743,7 +754,7 @@ fn write_write_from_one_buffer_is_not_a_conflict() {
         let w0 = d0.write_from(DST, B);
         rig.kick(0);
         // Not reaped: the first WRITE still pins B.
-        let by = rig.dev.pins.pinned_by(&[b_range()], None, None);
+        let by = rig.dev.pins().pinned_by(&[b_range()], None, None);
         assert_eq!(by.len(), 1, "{policy:?}: {by:?}");
         assert_eq!(by[0].direction, Direction::DeviceRead);
         let w1 = d1.write_from(DST2, B);

@@ -17,7 +17,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::{GuestMem, GuestMemAtomic, Vring};
-use crate::device::Device;
+use crate::device::{Device, DeviceParts};
 use crate::storage::{Image, ImageOptions};
 use crate::virtio_blk::config::DeviceConfig;
 
@@ -67,9 +67,21 @@ pub(crate) fn image_file(dir: &Path, read_only: bool) -> (PathBuf, Image) {
     (path, image)
 }
 
-/// A device over `image` (`IMAGE_SIZE`, 512-byte blocks, queues of `QSIZE`).
+/// A device over `image` (`IMAGE_SIZE`, 512-byte blocks, queues of `QSIZE`),
+/// with the default [`DeviceParts`].
 pub(crate) fn device(image: Image, num_queues: u16, read_only: bool, serial: &str) -> Device {
-    Device::new(
+    device_with(image, num_queues, read_only, serial, DeviceParts::default())
+}
+
+/// [`device`] built from `parts` (policy, pin tracker settings, report, ...).
+pub(crate) fn device_with(
+    image: Image,
+    num_queues: u16,
+    read_only: bool,
+    serial: &str,
+    parts: DeviceParts,
+) -> Device {
+    Device::from_parts(
         DeviceConfig {
             capacity_sectors: IMAGE_SIZE / 512,
             logical_block_size: 512,
@@ -79,6 +91,7 @@ pub(crate) fn device(image: Image, num_queues: u16, read_only: bool, serial: &st
             serial: serial.into(),
         },
         image,
+        parts,
     )
 }
 
