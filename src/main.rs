@@ -11,7 +11,7 @@ use std::path::Path;
 use pinblk::cli::{Checksum, OnOff};
 use pinblk::integrity::{default_store_path, ChecksumStore, StoreOptions};
 use pinblk::pin::policy::{BounceMode, PolicyConfig};
-use pinblk::report::{EventKind, ReportEvent, ReportOp, ReportWriter};
+use pinblk::report::{Event, RecoveredEvent, ReportWriter};
 use pinblk::storage::{Image, ImageOptions};
 use pinblk::virtio_blk::config::DeviceConfig;
 
@@ -139,12 +139,7 @@ fn open_store(args: &ServeArgs, dev: &Device) -> Result<Option<ChecksumStore>, S
         );
     }
     for r in &outcome.recovered {
-        let mut e = ReportEvent::for_block(EventKind::Recovered, r.block, r.stored, r.found);
-        e.op = Some(ReportOp::Other);
-        e.detail = Some(
-            "unclean shutdown: the block may have been in flight; re-checksummed from the image"
-                .into(),
-        );
+        let e = Event::new(RecoveredEvent::new(r.block, r.stored, r.found));
         if let Err(err) = dev.report.emit(&e) {
             log::error!("cannot write report event: {err}");
         }

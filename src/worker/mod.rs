@@ -27,8 +27,8 @@ use crate::device::{Device, QueueCounters};
 use crate::guest::{read_ranges, write_ranges, GuestRange, SECTOR_SIZE};
 pub use crate::guest::{GuestMem, GuestMemAtomic};
 use crate::pin::policy::{decide, Action, NoStall};
-use crate::pin::{Direction, PinConflict, PinHandle, PinRef, Rule as PinRule};
-use crate::report::{gpa_range, EventKind, ReportEvent, ReportOp, Rule as ReportRule};
+use crate::pin::{Direction, PinConflict, PinHandle, PinRef, Rule};
+use crate::report::{gpa_range, ConflictAction, ConflictEvent, Event, EventBody, ReportOp};
 use crate::virtio_blk::chain::{parse_chain, Request, RequestType, ID_LEN, SEGMENT_LEN};
 use crate::virtio_blk::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 
@@ -95,7 +95,7 @@ enum State {
         since: Instant,
         deadline: Instant,
         waits: Vec<PinRef>,
-        event: Box<ReportEvent>,
+        event: Box<Event>,
     },
     /// Waiting for bounce-pool memory.
     PoolWait,
@@ -629,13 +629,14 @@ impl QueueWorker {
                 } => {
                     let released = waits.iter().all(|w| dev.pins.is_released(w));
                     if released || force || now >= deadline {
-                        event.stall_us = Some(since.elapsed().as_micros() as u64);
-                        let action = if released {
-                            "stall"
-                        } else {
-                            "stall_timeout_bounce"
-                        };
-                        event.action = Some(action.into());
+                        if let EventBody::Conflict(c) = &mut event.body {
+                            c.stall_us = Some(since.elapsed().as_micros() as u64);
+                            c.action = if released {
+                                ConflictAction::Stall
+                            } else {
+                                ConflictAction::StallTimeoutBounce
+                            };
+                        }
                         emit(&dev, &event);
                         self.go(slot, !released, force);
                     } else {
@@ -1057,7 +1058,7 @@ impl Drop for QueueWorker {
 }
 
 /// Logs and records a report event; a failing report file is logged, not fatal.
-fn emit(dev: &Device, e: &ReportEvent) {
+fn emit(dev: &Device, e: &Event) {
     if let Err(err) = dev.report.emit(e) {
         log::error!("cannot write report event: {err}");
     }
@@ -1071,44 +1072,20 @@ fn conflict_event(
     dev: &Device,
     action: Action,
     no_stall: Option<NoStall>,
-) -> ReportEvent {
-    let mut e = ReportEvent::new(EventKind::Conflict);
-    e.request_id = Some(f.id);
-    e.queue = Some(queue);
-    e.op = Some(if f.req.kind == RequestType::Out {
-        ReportOp::Write
+) -> Event {
+    let rule = if conflicts.iter().any(|c| c.rule == Rule::LongTerm) {
+        Rule::LongTerm
     } else {
-        ReportOp::Read
-    });
-    e.sector = Some(f.req.sector);
-    e.length = Some(u64::from(f.req.data_len));
-    let rule = if conflicts.iter().any(|c| c.rule == PinRule::LongTerm) {
-        ReportRule::LongTerm
-    } else if conflicts[0].rule == PinRule::R1 {
-        ReportRule::R1
-    } else {
-        ReportRule::R2
+        conflicts[0].rule
     };
-    e.rule = Some(rule);
-    e.policy = Some(dev.policy.policy.name().into());
-    let action = match action {
-        Action::ZeroCopy => "passthrough",
-        Action::Bounce => "bounce",
-        Action::Stall => "stall",
-        Action::Fail => "fail",
-    };
-    e.action = Some(action.into());
     let oldest = conflicts
         .iter()
         .max_by_key(|c| c.by.age)
         .expect("non-empty");
-    e.pin_direction = Some(oldest.by.direction.name().into());
-    e.pin_age_us = Some(oldest.by.age.as_micros() as u64);
-    let mut ids: Vec<u64> = conflicts.iter().map(|c| c.by.id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    e.overlapping = ids;
-    let mut ranges: Vec<String> = conflicts
+    let mut overlapping: Vec<u64> = conflicts.iter().map(|c| c.by.id).collect();
+    overlapping.sort_unstable();
+    overlapping.dedup();
+    let mut guest_ranges: Vec<String> = conflicts
         .iter()
         .flat_map(|c| {
             c.by.overlap
@@ -1116,16 +1093,38 @@ fn conflict_event(
                 .map(|r| gpa_range(r.addr, u64::from(r.len)))
         })
         .collect();
-    ranges.dedup();
-    e.guest_ranges = ranges;
-    e.detail = no_stall.map(|n| {
-        match n {
-            NoStall::LongTerm => "not stalling: a conflicting pin is long-term",
-            NoStall::Waiting => "not stalling: a conflicting request is itself waiting",
-        }
-        .into()
-    });
-    e
+    guest_ranges.dedup();
+    Event::new(ConflictEvent {
+        request_id: f.id,
+        queue,
+        op: if f.req.kind == RequestType::Out {
+            ReportOp::Write
+        } else {
+            ReportOp::Read
+        },
+        sector: f.req.sector,
+        length: u64::from(f.req.data_len),
+        rule,
+        policy: dev.policy.policy,
+        action: match action {
+            Action::ZeroCopy => ConflictAction::Passthrough,
+            Action::Bounce => ConflictAction::Bounce,
+            Action::Stall => ConflictAction::Stall,
+            Action::Fail => ConflictAction::Fail,
+        },
+        stall_us: None,
+        pin_direction: oldest.by.direction,
+        pin_age_us: oldest.by.age.as_micros() as u64,
+        overlapping,
+        guest_ranges,
+        detail: no_stall.map(|n| {
+            match n {
+                NoStall::LongTerm => "not stalling: a conflicting pin is long-term",
+                NoStall::Waiting => "not stalling: a conflicting request is itself waiting",
+            }
+            .into()
+        }),
+    })
 }
 
 /// What `prepare` decided.
