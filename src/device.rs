@@ -18,7 +18,7 @@ use crate::integrity::{
 };
 use crate::pin::policy::PolicyConfig;
 use crate::pin::PinTracker;
-use crate::report::{EventKind, ReportError, ReportEvent, ReportOp, ReportWriter};
+use crate::report::{Event, RecoveredEvent, ReportError, ReportWriter};
 use crate::storage::{Image, ImageOptions, StorageError};
 use crate::virtio_blk::config::DeviceConfig;
 
@@ -509,12 +509,7 @@ fn open_store(
         );
     }
     for r in &outcome.recovered {
-        let mut e = ReportEvent::for_block(EventKind::Recovered, r.block, r.stored, r.found);
-        e.op = Some(ReportOp::Other);
-        e.detail = Some(
-            "unclean shutdown: the block may have been in flight; re-checksummed from the image"
-                .into(),
-        );
+        let e = Event::new(RecoveredEvent::new(r.block, r.stored, r.found));
         if let Err(err) = report.emit(&e) {
             log::error!("cannot write report event: {err}");
         }

@@ -56,7 +56,8 @@ pub use crate::rule::Rule;
 ///
 /// Kernel counterpart: the DMA direction of a pinned page (`DMA_FROM_DEVICE` /
 /// `DMA_TO_DEVICE`); FOLL_WRITE is set for [`Direction::DeviceWrite`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+/// Serialized (reports) as `"DeviceWrite"` / `"DeviceRead"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Direction {
     /// The device writes guest memory: a READ request (`VIRTIO_BLK_T_IN`), the
     /// pinned pages are its destination. Kernel: `DMA_FROM_DEVICE`.

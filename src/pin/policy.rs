@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::pin::PinConflict;
 
 /// `--policy`: the per-device answer to a conflict.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     /// Zero-copy always; conflicts are only detected and reported (what a

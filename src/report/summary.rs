@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::ReportError;
-use super::{read_report, EventKind, ReportEvent};
+use super::{read_report, Event, EventKind};
 
 /// How many LBAs [`Summary::worst`] lists at most.
 pub const WORST_LBAS: usize = 10;
@@ -24,8 +24,8 @@ pub struct LbaCount {
     pub block: Option<u64>,
     /// Events at this place.
     pub events: u64,
-    /// Events at this place by kind (snake_case names).
-    pub by_kind: BTreeMap<String, u64>,
+    /// Events at this place by kind.
+    pub by_kind: BTreeMap<EventKind, u64>,
 }
 
 /// One bucket of the time line.
@@ -44,10 +44,11 @@ pub struct Summary {
     pub events: u64,
     /// Non-empty lines that were not valid events.
     pub malformed_lines: u64,
-    /// Events by kind (snake_case names).
-    pub by_kind: BTreeMap<String, u64>,
-    /// Events by kind then action (`"none"` when absent).
-    pub by_kind_action: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Events by kind.
+    pub by_kind: BTreeMap<EventKind, u64>,
+    /// Events by kind then action name (`"none"` for `recovered`, which has
+    /// no action).
+    pub by_kind_action: BTreeMap<EventKind, BTreeMap<&'static str, u64>>,
     /// The places with most events, most first (ties: lowest sector first),
     /// at most [`WORST_LBAS`].
     pub worst: Vec<LbaCount>,
@@ -75,7 +76,7 @@ pub fn summarize(path: &Path) -> Result<Summary, ReportError> {
 }
 
 /// Summarizes events already in memory.
-pub fn summarize_events(events: &[ReportEvent]) -> Summary {
+pub fn summarize_events(events: &[Event]) -> Summary {
     let mut s = Summary {
         events: events.len() as u64,
         bucket_s: 1.0,
@@ -83,24 +84,23 @@ pub fn summarize_events(events: &[ReportEvent]) -> Summary {
     };
     let mut places: HashMap<u64, LbaCount> = HashMap::new();
     for e in events {
-        let kind = e.kind.as_str().to_string();
-        *s.by_kind.entry(kind.clone()).or_default() += 1;
+        let kind = e.kind();
+        *s.by_kind.entry(kind).or_default() += 1;
         *s.by_kind_action
-            .entry(kind.clone())
+            .entry(kind)
             .or_default()
-            .entry(e.action.clone().unwrap_or_else(|| "none".into()))
+            .entry(e.action_name().unwrap_or("none"))
             .or_default() += 1;
-        if let Some(sector) = e.sector {
-            let p = places.entry(sector).or_insert_with(|| LbaCount {
-                sector,
-                block: e.block,
-                events: 0,
-                by_kind: BTreeMap::new(),
-            });
-            p.events += 1;
-            p.block = p.block.or(e.block);
-            *p.by_kind.entry(kind).or_default() += 1;
-        }
+        let (sector, block) = (e.sector(), e.block());
+        let p = places.entry(sector).or_insert_with(|| LbaCount {
+            sector,
+            block,
+            events: 0,
+            by_kind: BTreeMap::new(),
+        });
+        p.events += 1;
+        p.block = p.block.or(block);
+        *p.by_kind.entry(kind).or_default() += 1;
     }
     let mut worst: Vec<LbaCount> = places.into_values().collect();
     worst.sort_by(|a, b| b.events.cmp(&a.events).then(a.sector.cmp(&b.sector)));
@@ -146,13 +146,13 @@ pub fn kind_explanation(kind: EventKind) -> &'static str {
             "checksum_failure: a block read back does not match the CRC32C recorded when it was \
              written, and still does not after a re-read into a private buffer (R4). Either the \
              image was changed behind pinblk's back, the storage corrupted it, or an earlier \
-             torn write left it so. With --on-mismatch eio the guest got an I/O error, as under \
-             btrfs or dm-integrity. Run `pinblk scrub` offline to list every such block."
+             torn write left it so. `action` says what was done: report (the guest got the data) or eio \
+             (--on-mismatch eio: the guest got an I/O error, as under btrfs or dm-integrity). Run `pinblk scrub` offline to list every such block."
         }
         EventKind::TornWrite => {
             "torn_write: the guest changed a WRITE's buffer while the device was reading it (R3: \
              checksum at submission differs from checksum at completion). `outcome` says what \
-             reached the disk. The stored checksum is the submitted one, so a later read of that \
+             reached the disk; `action` is always zero_copy (a bounced write cannot tear). The stored checksum is the submitted one, so a later read of that \
              block fails verification. The guest is modifying pages under DMA (a stable-pages \
              bug or an O_DIRECT scribbler). Only --bounce always prevents it: a scribbled \
              buffer is pinned by no other request, so no policy sees a conflict to act on."
@@ -235,12 +235,7 @@ impl fmt::Display for Summary {
             }
         }
         writeln!(f, "\nWhat the kinds mean:")?;
-        for k in [
-            EventKind::ChecksumFailure,
-            EventKind::TornWrite,
-            EventKind::Recovered,
-            EventKind::Conflict,
-        ] {
+        for k in EventKind::ALL {
             writeln!(f, "  {}", kind_explanation(k))?;
         }
         Ok(())

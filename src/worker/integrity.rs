@@ -13,8 +13,12 @@ use super::job::{Io, Job};
 use super::QueueWorker;
 use crate::guest::{read_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
-use crate::integrity::{crc32c, BLOCK_SIZE};
-use crate::report::{gpa_range, EventKind, Outcome, ReportEvent, ReportOp, Rule};
+use crate::integrity::{crc32c, BLOCK_SIZE, SECTORS_PER_BLOCK};
+use crate::report::{
+    gpa_range, Algorithm, ChecksumAction, ChecksumFailureEvent, Crc, Event, Outcome, ReportOp,
+    TornWriteAction, TornWriteEvent,
+};
+use crate::rule::Rule;
 use crate::virtio_blk::Command;
 
 /// CRC32C of each 4 KiB chunk of `data` (the last chunk may be shorter).
@@ -147,17 +151,26 @@ impl QueueWorker {
             } else {
                 Outcome::Neither
             };
-            let mut e =
-                ReportEvent::for_block(EventKind::TornWrite, chunk_off / BLOCK_SIZE, sub, on_disk);
-            e.sector = Some(chunk_off / SECTOR_SIZE);
-            e.length = Some(chunk_len);
-            self.fill_request(&mut e, f, ReportOp::Write);
-            e.rule = Some(Rule::R3);
-            e.outcome = Some(outcome);
-            e.guest_ranges = guest_ranges_of(f, i as u64 * BLOCK_SIZE, chunk_len);
-            e.detail = Some(format!(
-                "guest changed the buffer under DMA: crc32c {sub:#010x} at submission, {lat:#010x} at completion"
-            ));
+            let e = Event::new(TornWriteEvent {
+                request_id: f.id,
+                queue: self.index,
+                op: ReportOp::Write,
+                sector: chunk_off / SECTOR_SIZE,
+                length: chunk_len,
+                block: chunk_off / BLOCK_SIZE,
+                algorithm: Algorithm::Crc32c,
+                expected: Crc(sub),
+                found: Crc(on_disk),
+                rule: Rule::R3,
+                outcome,
+                policy: self.dev.policy().policy,
+                // Only zero-copy WRITEs are checked: a bounced one cannot tear.
+                action: TornWriteAction::ZeroCopy,
+                guest_ranges: guest_ranges_of(f, i as u64 * BLOCK_SIZE, chunk_len),
+                detail: Some(format!(
+                    "guest changed the buffer under DMA: crc32c {sub:#010x} at submission, {lat:#010x} at completion"
+                )),
+            });
             emit(&self.dev, &e);
         }
     }
@@ -206,39 +219,33 @@ impl QueueWorker {
                 );
                 continue;
             }
-            let mut e =
-                ReportEvent::for_block(EventKind::ChecksumFailure, m.block, m.expected, recheck);
-            self.fill_request(&mut e, f, ReportOp::Read);
-            e.rule = Some(Rule::R4);
-            e.guest_ranges = guest_ranges_of(
-                f,
-                m.block * BLOCK_SIZE - offset.min(m.block * BLOCK_SIZE),
-                blen as u64,
-            );
-            if self.dev.on_mismatch() == OnMismatch::Eio {
-                e.action = Some("eio".into());
+            let action = if self.dev.on_mismatch() == OnMismatch::Eio {
                 f.status = VIRTIO_BLK_S_IOERR as u8;
+                ChecksumAction::Eio
             } else {
-                e.action = Some("report".into());
-            }
+                ChecksumAction::Report
+            };
+            let e = Event::new(ChecksumFailureEvent {
+                request_id: f.id,
+                queue: self.index,
+                op: ReportOp::Read,
+                sector: m.block * SECTORS_PER_BLOCK,
+                length: BLOCK_SIZE,
+                block: m.block,
+                algorithm: Algorithm::Crc32c,
+                expected: Crc(m.expected),
+                found: Crc(recheck),
+                rule: Rule::R4,
+                policy: self.dev.policy().policy,
+                action,
+                guest_ranges: guest_ranges_of(
+                    f,
+                    m.block * BLOCK_SIZE - offset.min(m.block * BLOCK_SIZE),
+                    blen as u64,
+                ),
+                detail: None,
+            });
             emit(&self.dev, &e);
-        }
-    }
-
-    fn fill_request(&self, e: &mut ReportEvent, f: &Job, op: ReportOp) {
-        e.request_id = Some(f.id);
-        e.queue = Some(self.index);
-        e.op = Some(op);
-        e.policy = Some(self.dev.policy().policy.name().into());
-        if e.action.is_none() {
-            e.action = Some(
-                if f.bounce().is_some() {
-                    "bounce"
-                } else {
-                    "zero_copy"
-                }
-                .into(),
-            );
         }
     }
 }

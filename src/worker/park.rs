@@ -13,7 +13,7 @@ use super::events::emit;
 use super::job::Stage;
 use super::QueueWorker;
 use crate::pin::PinRef;
-use crate::report::ReportEvent;
+use crate::report::{ConflictAction, Event, EventBody};
 use crate::storage::{Op, Tag};
 
 /// How often parked jobs are retried while any exist.
@@ -30,7 +30,7 @@ pub(super) enum Park {
         /// The pins waited on.
         waits: Vec<PinRef>,
         /// The conflict event, emitted when the stall ends.
-        event: Box<ReportEvent>,
+        event: Box<Event>,
     },
     /// Waiting for bounce-pool memory.
     PoolWait,
@@ -88,13 +88,14 @@ impl QueueWorker {
                 }) => {
                     let released = waits.iter().all(|w| dev.pins().is_released(w));
                     if released || force || now >= deadline {
-                        event.stall_us = Some(since.elapsed().as_micros() as u64);
-                        let action = if released {
-                            "stall"
-                        } else {
-                            "stall_timeout_bounce"
-                        };
-                        event.action = Some(action.into());
+                        if let EventBody::Conflict(c) = &mut event.body {
+                            c.stall_us = Some(since.elapsed().as_micros() as u64);
+                            c.action = if released {
+                                ConflictAction::Stall
+                            } else {
+                                ConflictAction::StallTimeoutBounce
+                            };
+                        }
                         emit(&dev, &event);
                         self.go(slot, !released, force);
                     } else {
