@@ -1,38 +1,18 @@
-//! A request's life in the worker (docs/DESIGN.md §5), one small function per
-//! transition:
-//!
-//! ```text
-//! chain ─start─▶ parsed ─admit─▶ pinned ─go─▶ submitted ─on_completion─▶ completed ─finish─▶ done
-//!                 │               │  ▲                      │  (short: resubmit)     (verify: R3/R4,
-//!                 │ refused       │  └── parked (stall,     └─▶ delayed (injected)    store; status,
-//!                 ▼               ▼       bounce memory)                              used element, unpin)
-//!               done            done (policy `fail`)
-//! ```
-//!
-//! A [`Job`] holds what every stage needs (id, typed request, guest memory,
-//! pin, status); what only one stage needs lives in that stage's variant of
-//! [`Stage`] or in the request's [`Io`].
+//! The state of a request in the worker (docs/DESIGN.md §5): a [`Job`]
+//! holds what every stage needs (id, typed request, guest memory, pin,
+//! status); what only one stage needs lives in that stage's variant of
+//! [`Stage`] or in the request's [`Io`]. The transitions are in `lifecycle.rs`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
-use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::events::{conflict_event, emit};
 use super::park::Park;
-use super::{GuestMem, QueueWorker};
-use crate::guest::{read_ranges, write_ranges, GuestRange};
-use crate::pin::policy::{decide, Action};
-use crate::pin::{Direction, PinHandle, PinRef};
-use crate::storage::engine::{Fallocate, IoVec};
-use crate::storage::{Op, Tag};
-use crate::virtio_blk::chain::ID_LEN;
-use crate::virtio_blk::{parse, Command, Limits, Refused, Request, Segment};
-
-const OK: u8 = VIRTIO_BLK_S_OK as u8;
-const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+use super::GuestMem;
+use crate::guest::GuestRange;
+use crate::pin::PinHandle;
+use crate::storage::engine::IoVec;
+use crate::virtio_blk::{Command, Request, Segment};
 
 /// A request between parsed and done.
 pub(super) struct Job {
@@ -127,7 +107,7 @@ pub(super) struct BounceBuf {
 }
 
 impl BounceBuf {
-    fn new(len: usize) -> BounceBuf {
+    pub(super) fn new(len: usize) -> BounceBuf {
         let buf = vec![0u8; len + 4096];
         let off = buf.as_ptr().align_offset(4096);
         BounceBuf { buf, off, len }
@@ -138,7 +118,7 @@ impl BounceBuf {
         &self.buf[self.off..self.off + self.len]
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
+    pub(super) fn bytes_mut(&mut self) -> &mut [u8] {
         &mut self.buf[self.off..self.off + self.len]
     }
 
@@ -158,7 +138,7 @@ pub(super) struct Slots {
 }
 
 impl Slots {
-    fn insert(&mut self, job: Job) -> u32 {
+    pub(super) fn insert(&mut self, job: Job) -> u32 {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -176,7 +156,7 @@ impl Slots {
         self.slots.get_mut(slot as usize).and_then(Option::as_mut)
     }
 
-    fn take(&mut self, slot: u32) -> Option<Job> {
+    pub(super) fn take(&mut self, slot: u32) -> Option<Job> {
         let job = self.slots.get_mut(slot as usize)?.take()?;
         self.free.push(slot);
         self.len -= 1;
@@ -194,434 +174,9 @@ impl Slots {
     }
 }
 
-impl QueueWorker {
-    /// The job in `slot`; a slot named by the worker's own bookkeeping is in use.
-    pub(super) fn job(&mut self, slot: u32) -> &mut Job {
-        self.jobs.get_mut(slot).expect("slot is in use")
-    }
-
-    /// chain → parsed: parses and checks a popped chain; a refused one is
-    /// done at once, GET_ID is answered at once, the rest becomes a job.
-    pub(super) fn start(
-        &mut self,
-        mem: Arc<GuestMem>,
-        chain: virtio_queue::DescriptorChain<Arc<GuestMem>>,
-    ) {
-        let limits = Limits {
-            capacity: self.dev.image().capacity_sectors(),
-            logical_block_size: self.dev.config().logical_block_size,
-            read_only: self.dev.config().read_only,
-        };
-        let req = match parse(chain, &limits) {
-            Ok(req) => req,
-            Err(refused) => return self.refuse(&mem, refused),
-        };
-        let id = self.dev.next_request_id();
-        let io = match &req.command {
-            Command::GetId => return self.get_id(&mem, &req),
-            Command::Read { sector } | Command::Write { sector } => {
-                match host_iovecs(&mem, &req.data) {
-                    Ok(iov) => Io::Transfer(Transfer {
-                        iov,
-                        iov_start: 0,
-                        offset: sector.bytes(),
-                        remaining: u64::from(req.data_len),
-                        bounce: None,
-                        submitted_crcs: Vec::new(),
-                    }),
-                    Err(why) => {
-                        log::warn!(
-                            "queue {} request {id}: {} sector {} len {}: {why}",
-                            self.index,
-                            req.command.name(),
-                            sector,
-                            req.data_len
-                        );
-                        return self.push_used(&mem, req.head, Some(req.status_addr), IOERR, 1);
-                    }
-                }
-            }
-            Command::Flush => Io::Flush,
-            Command::Discard(segs) | Command::WriteZeroes(segs) => Io::Segments(segs.clone()),
-        };
-        let slot = self.jobs.insert(Job {
-            id,
-            req,
-            mem,
-            pin: None,
-            status: OK,
-            stage: Stage::Pinned,
-            io,
-        });
-        self.admit(slot);
-    }
-
-    /// A refused chain: logged, completed with its status (or with used
-    /// length 0 when it has no status byte).
-    fn refuse(&mut self, mem: &GuestMem, r: Refused) {
-        match (r.status_addr, r.kind) {
-            (None, _) => {
-                log::warn!(
-                    "queue {}: {} (head {}); no status byte, completing with length 0",
-                    self.index,
-                    r.error,
-                    r.head
-                );
-                self.counters().dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            (Some(_), None) => log::warn!(
-                "queue {}: {} (head {}); completing with IOERR",
-                self.index,
-                r.error,
-                r.head
-            ),
-            (Some(_), Some(kind)) => log::warn!(
-                "queue {}: {} sector {} len {} (head {}): {}",
-                self.index,
-                kind.name(),
-                r.sector,
-                r.data_len,
-                r.head,
-                r.error
-            ),
-        }
-        let used = u32::from(r.status_addr.is_some());
-        self.push_used(mem, r.head, r.status_addr, r.error.status(), used);
-    }
-
-    /// GET_ID: the serial (at most 20 bytes) into the data buffer.
-    fn get_id(&mut self, mem: &GuestMem, req: &Request) {
-        let mut id = [0u8; ID_LEN];
-        let serial = self.dev.config().serial.as_bytes();
-        let n = serial.len().min(ID_LEN);
-        id[..n].copy_from_slice(&serial[..n]);
-        let n = (req.data_len as usize).min(ID_LEN);
-        let (status, used) = match write_ranges(mem, &req.data, 0, &id[..n]) {
-            Ok(()) => (OK, n as u32 + 1),
-            Err(e) => {
-                log::warn!("queue {}: GET_ID: cannot write id: {e}", self.index);
-                (IOERR, 1)
-            }
-        };
-        self.push_used(mem, req.head, Some(req.status_addr), status, used);
-    }
-
-    /// parsed → pinned: pins a READ's or WRITE's data buffer, checks it for
-    /// conflicts (R1, R2, long-term pins) and carries out the policy; other
-    /// requests go straight to storage.
-    fn admit(&mut self, slot: u32) {
-        let index = self.index;
-        let dev = self.dev.clone();
-        let job = self.job(slot);
-        let is_write = job.is_write();
-        if !matches!(job.io, Io::Transfer(_)) {
-            return self.go(slot, false, false);
-        }
-        if !dev.pin_tracking() {
-            let bounce = is_write && dev.policy().bounce_always;
-            return self.go(slot, bounce, false);
-        }
-        let dir = if is_write {
-            Direction::DeviceRead
-        } else {
-            Direction::DeviceWrite
-        };
-        let pin = dev.pins().pin(index, job.id, dir, &job.req.data);
-        let conflicts = dev.pins().check(&pin, &job.req.data);
-        job.pin = Some(pin);
-        let (action, no_stall) = decide(dev.policy(), is_write, &conflicts);
-        if conflicts.is_empty() {
-            return self.go(slot, action == Action::Bounce, false);
-        }
-        let event = conflict_event(index, job, &conflicts, &dev, action, no_stall);
-        match action {
-            Action::ZeroCopy | Action::Bounce => {
-                emit(&dev, &event);
-                self.go(slot, action == Action::Bounce, false)
-            }
-            Action::Fail => {
-                emit(&dev, &event);
-                self.job(slot).status = IOERR;
-                self.finish(slot)
-            }
-            Action::Stall => {
-                let waits: Vec<PinRef> = conflicts
-                    .iter()
-                    .map(|c| c.by.pin)
-                    .filter(|p| dev.pins().watch(p, index))
-                    .collect();
-                let now = Instant::now();
-                self.park(
-                    slot,
-                    Park::Stalled {
-                        since: now,
-                        deadline: now + dev.policy().stall_timeout,
-                        waits,
-                        event: Box::new(event),
-                    },
-                );
-            }
-        }
-    }
-
-    /// pinned → submitted: sends the job to storage, through a bounce buffer
-    /// if `bounce`. If the bounce pool is exhausted the job is parked until
-    /// memory comes back, unless `force` (teardown), which lets the pool
-    /// overflow.
-    pub(super) fn go(&mut self, slot: u32, bounce: bool, force: bool) {
-        if bounce && self.job(slot).bounce().is_none() && !self.take_bounce(slot, force) {
-            return self.park(slot, Park::PoolWait);
-        }
-        let dev = self.dev.clone();
-        let job = self.job(slot);
-        if let Some(pin) = &job.pin {
-            dev.pins().mark_submitted(pin);
-        }
-        self.integrity_submit(slot);
-        self.issue(slot)
-    }
-
-    /// Gives the job in `slot` a bounce buffer (a WRITE's data copied into
-    /// it) and points its iovec at it. `false` if the pool has no room now.
-    fn take_bounce(&mut self, slot: u32, force: bool) -> bool {
-        let dev = self.dev.clone();
-        let job = self.job(slot);
-        let len = u64::from(job.req.data_len);
-        let limit = dev.policy().bounce_pool_bytes;
-        let reserved =
-            dev.bounce_in_use()
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                    // An empty pool always serves one request, however large.
-                    (force || used == 0 || used + len <= limit).then_some(used + len)
-                });
-        if reserved.is_err() {
-            return false;
-        }
-        let mut b = BounceBuf::new(len as usize);
-        if job.is_write() {
-            if let Err(e) = read_ranges(&*job.mem, &job.req.data, 0, b.bytes_mut()) {
-                log::warn!(
-                    "request {}: cannot copy guest data to the bounce buffer: {e}",
-                    job.id
-                );
-                job.status = IOERR;
-            }
-        }
-        if let Io::Transfer(t) = &mut job.io {
-            t.iov = vec![IoVec {
-                base: b.bytes().as_ptr() as usize,
-                len: b.len,
-            }];
-            t.iov_start = 0;
-            t.bounce = Some(b);
-        }
-        true
-    }
-
-    /// Pushes the job's storage operations (all of them for a new job, the
-    /// rest of a short transfer otherwise). Completes at once if there is
-    /// nothing to do.
-    fn issue(&mut self, slot: u32) {
-        let job = self.jobs.get_mut(slot).expect("issued slot is in use");
-        let mut ops = 0u16;
-        let mut push = |engine: &mut crate::storage::Engine, op: Op<'_>| {
-            // SAFETY: a transfer's iovecs live in the job's `Transfer`, which
-            // stays in its slot (not moved: the Vec is not touched) until the
-            // last completion of the job is reaped; each iovec points into
-            // guest memory kept mapped by the job's `mem` (an Arc) or into its
-            // bounce buffer, owned by the same `Transfer`. Other ops carry no
-            // pointers.
-            unsafe { engine.push(op, Tag::Job { slot, op: ops }) };
-            ops += 1;
-        };
-        match (&job.io, job.is_read()) {
-            (Io::Transfer(t), read) => {
-                if t.remaining > 0 {
-                    let iov = &t.iov[t.iov_start..];
-                    let offset = t.offset;
-                    push(
-                        &mut self.engine,
-                        if read {
-                            Op::Read { offset, iov }
-                        } else {
-                            Op::Write { offset, iov }
-                        },
-                    );
-                }
-            }
-            (Io::Flush, _) => push(&mut self.engine, Op::Flush),
-            (Io::Segments(segs), _) => {
-                let zeroing = matches!(job.req.command, Command::WriteZeroes(_));
-                for s in segs {
-                    let how = if zeroing && !s.unmap {
-                        Fallocate::ZeroRange
-                    } else {
-                        Fallocate::PunchHole
-                    };
-                    push(
-                        &mut self.engine,
-                        Op::Fallocate {
-                            offset: s.offset(),
-                            len: s.len(),
-                            how,
-                        },
-                    );
-                }
-            }
-        }
-        if ops == 0 {
-            return self.finish(slot);
-        }
-        job.stage = Stage::Submitted {
-            pending: u32::from(ops),
-        };
-    }
-
-    /// submitted → completed: one storage operation of the job in `slot`
-    /// completed with `res` (bytes, or a negative errno).
-    pub(super) fn on_completion(&mut self, slot: u32, op: u16, res: i32) {
-        let index = self.index;
-        let Some(job) = self.jobs.get_mut(slot) else {
-            log::error!("queue {index}: completion for unknown slot {slot}");
-            return;
-        };
-        if let Stage::Submitted { pending } = &mut job.stage {
-            *pending -= 1;
-        }
-        let err = (res < 0).then(|| std::io::Error::from_raw_os_error(-res));
-        match &mut job.io {
-            Io::Transfer(t) => {
-                if let Some(e) = err {
-                    log::error!(
-                        "queue {index} request {}: {} sector {} len {} failed: {e}",
-                        job.id,
-                        job.req.command.name(),
-                        job.req.sector(),
-                        job.req.data_len
-                    );
-                    job.status = IOERR;
-                } else if res == 0 && t.remaining > 0 {
-                    log::error!(
-                        "queue {index} request {}: unexpected end of image at byte {}",
-                        job.id,
-                        t.offset
-                    );
-                    job.status = IOERR;
-                } else if advance(t, res as u64) {
-                    // Short transfer: the rest goes to storage again.
-                    return self.issue(slot);
-                }
-            }
-            Io::Flush => {
-                if let Some(e) = err {
-                    log::error!("queue {index} request {}: FLUSH failed: {e}", job.id);
-                    job.status = IOERR;
-                }
-            }
-            Io::Segments(segs) => {
-                if let Some(e) = err {
-                    let s = segs[usize::from(op)];
-                    let zeroing = matches!(job.req.command, Command::WriteZeroes(_));
-                    let id = job.id;
-                    self.segment_failed(slot, id, s, zeroing, e);
-                }
-            }
-        }
-        let job = self.job(slot);
-        if matches!(job.stage, Stage::Submitted { pending: 0 }) {
-            if job.is_read() && job.status == OK {
-                if let Some(delay) = self.dev.policy().read_delay {
-                    if self.rng.f64() < self.dev.policy().read_delay_probability {
-                        return self.delay(slot, delay);
-                    }
-                }
-            }
-            self.finish(slot);
-        }
-    }
-
-    /// A DISCARD or WRITE_ZEROES segment failed with `e`.
-    fn segment_failed(&mut self, slot: u32, id: u64, s: Segment, zeroing: bool, e: std::io::Error) {
-        let index = self.index;
-        let name = if zeroing { "WRITE_ZEROES" } else { "DISCARD" };
-        if e.raw_os_error() == Some(libc::EOPNOTSUPP) && !zeroing {
-            // Discard is a hint (virtio 1.2 §5.2.6): nothing to undo.
-            log::debug!("queue {index} request {id}: punch hole not supported, discard ignored");
-        } else if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            if !self.zero_range_unsupported {
-                log::info!(
-                    "image does not support fallocate for WRITE_ZEROES; writing zeroes instead"
-                );
-                self.zero_range_unsupported = true;
-            }
-            if let Err(e) = self.dev.image().write_zeroes_sync(s.offset(), s.len()) {
-                log::error!("queue {index} request {id}: writing zeroes failed: {e}");
-                self.job(slot).status = IOERR;
-            }
-        } else {
-            log::error!(
-                "queue {index} request {id}: {name} at byte {} len {} failed: {e}",
-                s.offset(),
-                s.len()
-            );
-            self.job(slot).status = IOERR;
-        }
-    }
-
-    /// completed → done: verifies (R3, R4, checksum store), copies a bounced
-    /// READ out, writes the status byte, pushes the used element, unpins and
-    /// frees the slot.
-    pub(super) fn finish(&mut self, slot: u32) {
-        let mut job = self.jobs.take(slot).expect("finished slot is in use");
-        self.integrity_complete(&mut job);
-        let bounce = match &mut job.io {
-            Io::Transfer(t) => t.bounce.take(),
-            _ => None,
-        };
-        if let Some(b) = bounce {
-            if job.is_read() && job.status == OK {
-                if let Err(e) = write_ranges(&*job.mem, &job.req.data, 0, b.bytes()) {
-                    log::warn!(
-                        "request {}: cannot copy the bounce buffer to the guest: {e}",
-                        job.id
-                    );
-                    job.status = IOERR;
-                }
-            }
-            self.dev
-                .bounce_in_use()
-                .fetch_sub(b.len() as u64, Ordering::AcqRel);
-        }
-        let c = self.counters();
-        let len = u64::from(job.req.data_len);
-        if job.status == OK {
-            match job.req.command {
-                Command::Read { .. } => c.bytes_read.fetch_add(len, Ordering::Relaxed),
-                Command::Write { .. } => c.bytes_written.fetch_add(len, Ordering::Relaxed),
-                Command::Flush => c.flushes.fetch_add(1, Ordering::Relaxed),
-                _ => c.discards.fetch_add(1, Ordering::Relaxed),
-            };
-        }
-        let used_len = match job.req.command {
-            Command::Read { .. } if job.status == OK => job.req.data_len + 1,
-            _ => 1,
-        };
-        self.push_used(
-            &job.mem,
-            job.req.head,
-            Some(job.req.status_addr),
-            job.status,
-            used_len,
-        );
-        if let Some(pin) = job.pin.take() {
-            self.dev.pins().unpin(pin);
-        }
-    }
-}
-
 /// Moves a transfer on by `n` bytes done; `true` if bytes remain (a short
 /// transfer: its iovecs now start at the first byte not transferred).
-fn advance(t: &mut Transfer, mut n: u64) -> bool {
+pub(super) fn advance(t: &mut Transfer, mut n: u64) -> bool {
     t.remaining -= n.min(t.remaining);
     t.offset += n;
     if t.remaining == 0 {
@@ -642,7 +197,7 @@ fn advance(t: &mut Transfer, mut n: u64) -> bool {
 }
 
 /// Translates guest-physical ranges to host iovecs into mapped guest memory.
-fn host_iovecs(mem: &GuestMem, ranges: &[GuestRange]) -> Result<Vec<IoVec>, String> {
+pub(super) fn host_iovecs(mem: &GuestMem, ranges: &[GuestRange]) -> Result<Vec<IoVec>, String> {
     let mut iov = Vec::with_capacity(ranges.len());
     for r in ranges {
         for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(r.addr), r.len as usize) {

@@ -6,13 +6,14 @@
 //!
 //! One [`QueueWorker`] serves one virtqueue and runs only on that queue's
 //! vhost-user worker thread; it shares nothing mutable with other queues.
-//! Files: `job.rs` (the request states and their transitions), `park.rs`
+//! Files: `job.rs` (a request's state), `lifecycle.rs` (its transitions), `park.rs`
 //! (stalls, bounce-pool waits, timers, injected delays), `integrity.rs` (R3,
 //! R4 and the checksum store at completion), `events.rs` (report events).
 
 mod events;
 mod integrity;
 mod job;
+mod lifecycle;
 mod park;
 
 use std::sync::atomic::Ordering;
