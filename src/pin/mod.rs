@@ -1,4 +1,4 @@
-//! Pinned-DMA model (see DESIGN.md): pin tracking of guest pages under DMA.
+//! Pinned-DMA model (docs/DESIGN.md §1, §3, §8): pin tracking of guest pages under DMA.
 //!
 //! Every in-flight request pins the guest pages of its data buffer when its
 //! descriptor chain is popped ([`PinTracker::pin`], the counterpart of

@@ -1,5 +1,5 @@
 //! What the data path does with a request that touches guest pages still
-//! under DMA (DESIGN.md "Policies"): the decision only; the worker carries it out.
+//! under DMA (docs/DESIGN.md §4): the decision only; the worker carries it out.
 
 use std::time::Duration;
 

@@ -227,7 +227,7 @@ pub struct PinnedBy {
 /// "age_us": .., "long_term": .., ..., "overlap": [..]}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PinConflict {
-    /// Which DESIGN.md rule fired (R1, R2 or long_term).
+    /// Which rule of docs/DESIGN.md §3 fired (R1, R2 or long_term).
     pub rule: Rule,
     /// The conflicting pin.
     #[serde(flatten)]

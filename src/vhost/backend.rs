@@ -6,7 +6,6 @@
 //! lock around the whole backend. Each worker's io_uring completion eventfd is
 //! registered on that thread's epoll loop as event `num_queues + 1`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -22,10 +21,8 @@ use crate::worker::{GuestMemAtomic, QueueWorker, Vring, WorkerError};
 /// Backend state of one connection.
 pub struct BlkBackend {
     dev: Arc<Device>,
-    mem: Mutex<GuestMemAtomic>,
     workers: Vec<Mutex<QueueWorker>>,
     exit: Vec<(EventConsumer, EventNotifier)>,
-    event_idx: AtomicBool,
 }
 
 impl BlkBackend {
@@ -45,13 +42,7 @@ impl BlkBackend {
                     .map_err(|source| WorkerError::Setup { queue: i, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(BlkBackend {
-            dev,
-            mem: Mutex::new(mem),
-            workers,
-            exit,
-            event_idx: AtomicBool::new(false),
-        })
+        Ok(BlkBackend { dev, workers, exit })
     }
 
     /// The event id under which a worker's completion eventfd is registered.
@@ -100,7 +91,6 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
         for i in 0..self.workers.len() {
             self.worker(i).set_event_idx(enabled);
         }
@@ -110,8 +100,10 @@ impl VhostUserBackend for BlkBackend {
         self.dev.config().read_config(offset, size)
     }
 
-    fn update_memory(&self, mem: GuestMemAtomic) -> std::io::Result<()> {
-        *self.mem.lock().unwrap_or_else(|p| p.into_inner()) = mem;
+    fn update_memory(&self, _mem: GuestMemAtomic) -> std::io::Result<()> {
+        // The workers read guest memory through the same `GuestMemoryAtomic`
+        // the daemon updates (a clone given to `BlkBackend::new`), taking a
+        // snapshot per popped chain: nothing to do here.
         Ok(())
     }
 

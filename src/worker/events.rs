@@ -15,7 +15,7 @@ pub(super) fn emit(dev: &Device, e: &Event) {
     }
 }
 
-/// The `conflict` event of a request (DESIGN.md "Checksums and reports").
+/// The `conflict` event of a request (docs/DESIGN.md §4; fields: README "Report schema").
 pub(super) fn conflict_event(
     queue: u16,
     job: &Job,

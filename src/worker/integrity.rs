@@ -1,4 +1,4 @@
-//! The data path's side of integrity (DESIGN.md R3, R4): checksums of each
+//! The data path's side of integrity (docs/DESIGN.md §3 R3, R4; §7): checksums of each
 //! WRITE taken at submission and compared at completion (torn writes), the
 //! store updated as requests complete, READs verified against the store with
 //! a recheck from the image before a failure is reported, FLUSH making the
