@@ -588,10 +588,22 @@ impl PinTracker {
     /// share its count, a false positive at byte level).
     /// O(pages) atomic loads, no lock, no allocation (below 128 TiB).
     pub fn maybe_pinned(&self, ranges: &[GuestRange], dir: Option<Direction>) -> bool {
-        let mut found = false;
-        self.pages.visit_pinned(ranges, |_, word| {
+        self.any_pinned_page(ranges, |_, word| {
             let (w, r) = pages::split(word);
-            found = pinned_in(w, r, dir);
+            pinned_in(w, r, dir)
+        })
+    }
+
+    /// Whether `pinned(page, counter word)` holds for any pinned page of
+    /// `ranges` (GPA, bytes); stops at the first. Lock-free, no allocation.
+    fn any_pinned_page(
+        &self,
+        ranges: &[GuestRange],
+        mut pinned: impl FnMut(u64, u64) -> bool,
+    ) -> bool {
+        let mut found = false;
+        self.pages.visit_pinned(ranges, |page, word| {
+            found = pinned(page, word);
             if found {
                 ControlFlow::Break(())
             } else {
@@ -695,8 +707,7 @@ impl PinTracker {
     /// in direction `dir` (or either if `None`)? Page counts minus `me`'s own
     /// contribution; stops at the first such page. Lock-free, no allocation.
     fn others(&self, me: &PinHandle, ranges: &[GuestRange], dir: Option<Direction>) -> bool {
-        let mut found = false;
-        self.pages.visit_pinned(ranges, |page, word| {
+        self.any_pinned_page(ranges, |page, word| {
             let (mut w, mut r) = pages::split(word);
             let own = match me.dir {
                 Direction::DeviceWrite => &mut w,
@@ -708,14 +719,8 @@ impl PinTracker {
             } else {
                 own.saturating_sub(pages::touches_of(ranges, page))
             };
-            found = pinned_in(w, r, dir);
-            if found {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        });
-        found
+            pinned_in(w, r, dir)
+        })
     }
 
     /// Slow path: every live pin of every queue that shares a guest page with

@@ -46,9 +46,9 @@ impl Event {
     pub fn sector(&self) -> u64 {
         match &self.body {
             EventBody::Conflict(e) => e.sector,
-            EventBody::TornWrite(e) => e.sector,
-            EventBody::ChecksumFailure(e) => e.sector,
-            EventBody::Recovered(e) => e.sector,
+            EventBody::TornWrite(e) => e.csum.sector,
+            EventBody::ChecksumFailure(e) => e.csum.sector,
+            EventBody::Recovered(e) => e.csum.sector,
         }
     }
 
@@ -57,9 +57,9 @@ impl Event {
     pub fn block(&self) -> Option<u64> {
         match &self.body {
             EventBody::Conflict(_) => None,
-            EventBody::TornWrite(e) => Some(e.block),
-            EventBody::ChecksumFailure(e) => Some(e.block),
-            EventBody::Recovered(e) => Some(e.block),
+            EventBody::TornWrite(e) => Some(e.csum.block),
+            EventBody::ChecksumFailure(e) => Some(e.csum.block),
+            EventBody::Recovered(e) => Some(e.csum.block),
         }
     }
 
@@ -201,6 +201,40 @@ pub struct ConflictEvent {
     pub detail: Option<String>,
 }
 
+/// The checksum fields of an event about one block (`torn_write`,
+/// `checksum_failure`, `recovered`), flattened into the event: where, how
+/// long, which block, and the two checksums in btrfs order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BlockCsum {
+    /// First sector, 512-byte units.
+    pub sector: u64,
+    /// Length, bytes.
+    pub length: u64,
+    /// Checksum block, 4 KiB units.
+    pub block: u64,
+    /// Checksum algorithm.
+    pub algorithm: Algorithm,
+    /// The checksum the data should have (stored or submitted).
+    pub expected: Crc,
+    /// The checksum the data has.
+    pub found: Crc,
+}
+
+impl BlockCsum {
+    /// The fields for the whole 4 KiB checksum block `block`: `sector` =
+    /// `block * 8`, `length` 4096, CRC32C `expected` and `found`.
+    pub fn of_block(block: u64, expected: u32, found: u32) -> BlockCsum {
+        BlockCsum {
+            sector: block * SECTORS_PER_BLOCK,
+            length: BLOCK_SIZE,
+            block,
+            algorithm: Algorithm::Crc32c,
+            expected: Crc(expected),
+            found: Crc(found),
+        }
+    }
+}
+
 /// `kind: "torn_write"` (R3): a zero-copy WRITE whose buffer changed between
 /// submission and completion, one event per changed 4 KiB chunk of the
 /// request.
@@ -212,19 +246,13 @@ pub struct TornWriteEvent {
     pub queue: u16,
     /// Always [`ReportOp::Write`].
     pub op: ReportOp,
-    /// First sector of the chunk, 512-byte units (a chunk starts at the
-    /// request's sector plus a multiple of 8, so it need not be `block * 8`).
-    pub sector: u64,
-    /// Length of the chunk, bytes (4096, or less for the request's last chunk).
-    pub length: u64,
-    /// Checksum block the chunk starts in, 4 KiB units.
-    pub block: u64,
-    /// Checksum algorithm.
-    pub algorithm: Algorithm,
-    /// Checksum of the chunk at submission (what the store now holds).
-    pub expected: Crc,
-    /// Checksum of what reached the disk (read back at completion).
-    pub found: Crc,
+    /// The chunk: its first sector (the request's sector plus a multiple of
+    /// 8, so it need not be `block * 8`), its length (4096, or less for the
+    /// request's last chunk), the block it starts in; `expected` is its
+    /// checksum at submission (what the store now holds), `found` the
+    /// checksum of what reached the disk (read back at completion).
+    #[serde(flatten)]
+    pub csum: BlockCsum,
     /// Always [`Rule::R3`].
     pub rule: Rule,
     /// What reached the disk.
@@ -252,18 +280,11 @@ pub struct ChecksumFailureEvent {
     pub queue: u16,
     /// Always [`ReportOp::Read`].
     pub op: ReportOp,
-    /// First sector of the block, 512-byte units (`block * 8`).
-    pub sector: u64,
-    /// Length, bytes: the block size, 4096 (also for a shorter last block).
-    pub length: u64,
-    /// Checksum block, 4 KiB units.
-    pub block: u64,
-    /// Checksum algorithm.
-    pub algorithm: Algorithm,
-    /// The stored checksum.
-    pub expected: Crc,
-    /// The checksum of the block as re-read from the image.
-    pub found: Crc,
+    /// The block (`sector` = `block * 8`, `length` 4096, also for a shorter
+    /// last block); `expected` is the stored checksum, `found` the checksum
+    /// of the block as re-read from the image.
+    #[serde(flatten)]
+    pub csum: BlockCsum,
     /// Always [`Rule::R4`].
     pub rule: Rule,
     /// The device's `--policy`.
@@ -286,18 +307,11 @@ pub struct ChecksumFailureEvent {
 pub struct RecoveredEvent {
     /// Always [`ReportOp::Other`].
     pub op: ReportOp,
-    /// First sector of the block, 512-byte units (`block * 8`).
-    pub sector: u64,
-    /// Length, bytes: the block size, 4096.
-    pub length: u64,
-    /// Checksum block, 4 KiB units.
-    pub block: u64,
-    /// Checksum algorithm.
-    pub algorithm: Algorithm,
-    /// The checksum the store held.
-    pub expected: Crc,
-    /// The checksum of the image's data, now stored.
-    pub found: Crc,
+    /// The block (`sector` = `block * 8`, `length` 4096); `expected` is the
+    /// checksum the store held, `found` the checksum of the image's data,
+    /// now stored.
+    #[serde(flatten)]
+    pub csum: BlockCsum,
     /// Free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -309,12 +323,7 @@ impl RecoveredEvent {
     pub fn new(block: u64, stored: u32, found: u32) -> RecoveredEvent {
         RecoveredEvent {
             op: ReportOp::Other,
-            sector: block * SECTORS_PER_BLOCK,
-            length: BLOCK_SIZE,
-            block,
-            algorithm: Algorithm::Crc32c,
-            expected: Crc(stored),
-            found: Crc(found),
+            csum: BlockCsum::of_block(block, stored, found),
             detail: Some(
                 "unclean shutdown: the block may have been in flight; re-checksummed from the image"
                     .into(),

@@ -55,9 +55,9 @@ pub mod summary;
 mod tests;
 
 pub use event::{
-    gpa_range, now, rfc3339, Algorithm, ChecksumAction, ChecksumFailureEvent, ConflictAction,
-    ConflictEvent, Crc, Event, EventBody, EventKind, Outcome, RecoveredEvent, ReportOp,
-    TornWriteAction, TornWriteEvent,
+    gpa_range, now, rfc3339, Algorithm, BlockCsum, ChecksumAction, ChecksumFailureEvent,
+    ConflictAction, ConflictEvent, Crc, Event, EventBody, EventKind, Outcome, RecoveredEvent,
+    ReportOp, TornWriteAction, TornWriteEvent,
 };
 pub use sink::{human_line, CountersSnapshot, IntegrityCounters, ReportWriter};
 

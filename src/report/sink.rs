@@ -25,11 +25,11 @@ pub fn human_line(e: &Event) -> String {
             let _ = write!(
                 s,
                 "Checksum failed at sector {:#x} (block {}): csum {} expected csum {} {}",
-                c.sector,
-                c.block,
-                c.found,
-                c.expected,
-                c.algorithm.name()
+                c.csum.sector,
+                c.csum.block,
+                c.csum.found,
+                c.csum.expected,
+                c.csum.algorithm.name()
             );
             let _ = write!(s, "; req {} {}", c.request_id, c.op.name());
             let _ = write!(s, "; rule {}", c.rule.name());
@@ -41,11 +41,11 @@ pub fn human_line(e: &Event) -> String {
             let _ = write!(
                 s,
                 "torn write at sector {:#x} (block {}): guest changed the buffer under DMA; csum {} expected csum {} {}",
-                t.sector,
-                t.block,
-                t.found,
-                t.expected,
-                t.algorithm.name()
+                t.csum.sector,
+                t.csum.block,
+                t.csum.found,
+                t.csum.expected,
+                t.csum.algorithm.name()
             );
             let o = match t.outcome {
                 Outcome::SubmittedBytes => "the submitted bytes",
@@ -63,7 +63,7 @@ pub fn human_line(e: &Event) -> String {
             let _ = write!(
                 s,
                 "recovered block at sector {:#x} (block {}) after an unclean shutdown: stored csum {} replaced by {} from the image",
-                r.sector, r.block, r.expected, r.found
+                r.csum.sector, r.csum.block, r.csum.expected, r.csum.found
             );
             push_tail(&mut s, &[], r.detail.as_deref());
         }

@@ -19,12 +19,7 @@ fn checksum_failure(block: u64, expected: u32, found: u32) -> ChecksumFailureEve
         request_id: 17,
         queue: 0,
         op: ReportOp::Read,
-        sector: block * 8,
-        length: 4096,
-        block,
-        algorithm: Algorithm::Crc32c,
-        expected: Crc(expected),
-        found: Crc(found),
+        csum: BlockCsum::of_block(block, expected, found),
         rule: Rule::R4,
         policy: Policy::Passthrough,
         action: ChecksumAction::Report,
@@ -38,12 +33,7 @@ fn torn_write() -> TornWriteEvent {
         request_id: 18,
         queue: 0,
         op: ReportOp::Write,
-        sector: 24,
-        length: 4096,
-        block: 3,
-        algorithm: Algorithm::Crc32c,
-        expected: Crc(1),
-        found: Crc(2),
+        csum: BlockCsum::of_block(3, 1, 2),
         rule: Rule::R3,
         outcome: Outcome::LaterBytes,
         policy: Policy::Passthrough,
@@ -188,8 +178,11 @@ fn golden() -> Vec<(Event, &'static str, &'static str)> {
         ),
         (
             fix(TornWriteEvent {
-                sector: 25,
-                length: 3584,
+                csum: BlockCsum {
+                    sector: 25,
+                    length: 3584,
+                    ..BlockCsum::of_block(3, 1, 2)
+                },
                 detail: Some("guest changed the buffer under DMA: crc32c 0x00000001 at submission, 0x00000003 at completion".into()),
                 ..torn_write()
             }

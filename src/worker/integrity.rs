@@ -13,10 +13,10 @@ use super::job::{Io, Job};
 use super::QueueWorker;
 use crate::guest::{read_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
-use crate::integrity::{crc32c, BLOCK_SIZE, SECTORS_PER_BLOCK};
+use crate::integrity::{crc32c, BLOCK_SIZE};
 use crate::report::{
-    gpa_range, Algorithm, ChecksumAction, ChecksumFailureEvent, Crc, Event, Outcome, ReportOp,
-    TornWriteAction, TornWriteEvent,
+    gpa_range, Algorithm, BlockCsum, ChecksumAction, ChecksumFailureEvent, Crc, Event, Outcome,
+    ReportOp, TornWriteAction, TornWriteEvent,
 };
 use crate::rule::Rule;
 use crate::virtio_blk::Command;
@@ -155,12 +155,14 @@ impl QueueWorker {
                 request_id: f.id,
                 queue: self.index,
                 op: ReportOp::Write,
-                sector: chunk_off / SECTOR_SIZE,
-                length: chunk_len,
-                block: chunk_off / BLOCK_SIZE,
-                algorithm: Algorithm::Crc32c,
-                expected: Crc(sub),
-                found: Crc(on_disk),
+                csum: BlockCsum {
+                    sector: chunk_off / SECTOR_SIZE,
+                    length: chunk_len,
+                    block: chunk_off / BLOCK_SIZE,
+                    algorithm: Algorithm::Crc32c,
+                    expected: Crc(sub),
+                    found: Crc(on_disk),
+                },
                 rule: Rule::R3,
                 outcome,
                 policy: self.dev.policy().policy,
@@ -229,12 +231,7 @@ impl QueueWorker {
                 request_id: f.id,
                 queue: self.index,
                 op: ReportOp::Read,
-                sector: m.block * SECTORS_PER_BLOCK,
-                length: BLOCK_SIZE,
-                block: m.block,
-                algorithm: Algorithm::Crc32c,
-                expected: Crc(m.expected),
-                found: Crc(recheck),
+                csum: BlockCsum::of_block(m.block, m.expected, recheck),
                 rule: Rule::R4,
                 policy: self.dev.policy().policy,
                 action,
