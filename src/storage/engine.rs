@@ -258,7 +258,9 @@ impl Engine {
     }
 
     /// Appends every available completion to `out` as `(tag, result)`;
-    /// `result` is bytes transferred or a negative errno.
+    /// `result` is bytes transferred or a negative errno. Does not touch the
+    /// completion eventfd (the caller resets it once per wake-up, before
+    /// reaping, so a completion posted meanwhile signals it again).
     pub fn reap(&mut self, out: &mut Vec<(Tag, i32)>) {
         match self {
             Engine::Uring(u) => u.reap(out),
@@ -361,7 +363,6 @@ impl UringEngine {
     }
 
     fn reap(&mut self, out: &mut Vec<(Tag, i32)>) {
-        let _ = self.eventfd.read();
         for c in self.ring.completion() {
             let tag = Tag::decode(c.user_data());
             if !matches!(tag, Tag::Job { .. }) {
@@ -531,7 +532,6 @@ mod fake {
         }
 
         pub(super) fn reap(&mut self, out: &mut Vec<(Tag, i32)>) {
-            let _ = self.handle.eventfd.read();
             let mut st = self.handle.lock();
             let now = Instant::now();
             let mut i = 0;

@@ -197,6 +197,9 @@ impl QueueWorker {
     /// Handles the completion eventfd: completes every finished request and
     /// retries parked ones.
     pub fn complete(&mut self, vring: &Vring) {
+        // Reset the eventfd before reaping: a completion posted after this
+        // read signals it again, so none is missed.
+        let _ = self.engine.completion_fd().read();
         self.reap();
         self.retry_parked(false);
         self.engine.submit();
