@@ -234,6 +234,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub checksum_store: Option<PathBuf>,
 
+    /// With checksums on: LBA range locks across queues (overlapping requests
+    /// are ordered, so checksums and data always agree) and the write-intent
+    /// record (what a crash may excuse). `off` only to measure what they
+    /// cost: reports can then be wrong under overlapping I/O or after a crash.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub range_tracking: OnOff,
+
     /// What a READ of a block that fails verification gets: `report` (data
     /// returned, event reported) or `eio` (VIRTIO_BLK_S_IOERR, as btrfs and dm-integrity do).
     #[arg(long, value_enum, default_value_t = OnMismatchArg::Report)]
@@ -314,6 +321,7 @@ impl TryFrom<ServeArgs> for DeviceOptions {
             },
             checksum: a.checksum == Checksum::Crc32c,
             checksum_store: a.checksum_store,
+            range_tracking: a.range_tracking == OnOff::On,
             on_mismatch: a.on_mismatch.into(),
             report: a.report,
         })

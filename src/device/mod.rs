@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::integrity::ranges::RangeLocks;
 use crate::integrity::{
     default_store_path, ChecksumStore, IntegrityError, OnMismatch, StoreOptions,
 };
@@ -58,6 +59,10 @@ pub struct DeviceOptions {
     pub checksum: bool,
     /// Where the checksums live; `None`: `IMAGE.pinsum` beside the image.
     pub checksum_store: Option<PathBuf>,
+    /// With checksums on: LBA range locks across queues and the write-intent
+    /// record (docs/DESIGN.md §7). `false` only to measure what they cost:
+    /// reports can then be wrong under overlapping I/O.
+    pub range_tracking: bool,
     /// What a READ of a block that fails verification gets.
     pub on_mismatch: OnMismatch,
     /// Append report events (JSON Lines) to this file; `None`: log and count only.
@@ -88,6 +93,7 @@ impl DeviceOptions {
             policy: PolicyConfig::default(),
             checksum: true,
             checksum_store: None,
+            range_tracking: true,
             on_mismatch: OnMismatch::Report,
             report: None,
         }
@@ -221,6 +227,8 @@ pub struct DeviceParts {
     pub report: ReportWriter,
     /// The open checksum store, or `None` (no checksums).
     pub store: Option<ChecksumStore>,
+    /// With a store: LBA range locks and the write-intent record.
+    pub range_tracking: bool,
     /// What a READ of a block that fails verification gets.
     pub on_mismatch: OnMismatch,
 }
@@ -234,6 +242,7 @@ impl Default for DeviceParts {
             policy: PolicyConfig::default(),
             report: ReportWriter::open(None).expect("a report without a file cannot fail"),
             store: None,
+            range_tracking: true,
             on_mismatch: OnMismatch::Report,
         }
     }
@@ -253,6 +262,7 @@ pub struct Device {
     report: ReportWriter,
     bounce_in_use: AtomicU64,
     store: Option<ChecksumStore>,
+    ranges: Option<RangeLocks>,
     on_mismatch: OnMismatch,
     next_request_id: AtomicU64,
 }
@@ -329,6 +339,7 @@ impl Device {
                 policy: opts.policy.clone(),
                 report,
                 store,
+                range_tracking: opts.range_tracking,
                 on_mismatch: opts.on_mismatch,
             },
         ))
@@ -338,6 +349,7 @@ impl Device {
     /// built (tests; [`Device::open`] ends here). The pin tracker is built
     /// here, with one slot per queue of `config`.
     pub fn from_parts(config: DeviceConfig, image: Image, parts: DeviceParts) -> Device {
+        let num_queues = config.num_queues;
         let queue_counters = (0..config.num_queues)
             .map(|_| QueueCounters::default())
             .collect();
@@ -351,6 +363,8 @@ impl Device {
             policy: parts.policy,
             report: parts.report,
             bounce_in_use: AtomicU64::new(0),
+            ranges: (parts.store.is_some() && parts.range_tracking)
+                .then(|| RangeLocks::new(num_queues)),
             store: parts.store,
             on_mismatch: parts.on_mismatch,
             next_request_id: AtomicU64::new(1),
@@ -418,6 +432,12 @@ impl Device {
         &self.report
     }
 
+    /// The LBA range locks of all queues: `Some` with a checksum store and
+    /// range tracking on (docs/DESIGN.md §7).
+    pub fn ranges(&self) -> Option<&RangeLocks> {
+        self.ranges.as_ref()
+    }
+
     /// Bytes of bounce buffers held now, all queues (the worker adds and
     /// subtracts; limited by [`PolicyConfig::bounce_pool_bytes`]).
     pub fn bounce_in_use(&self) -> &AtomicU64 {
@@ -446,6 +466,7 @@ impl Device {
         serde_json::json!({
             "requests": self.counters(),
             "pins": self.pins.counters(),
+            "ranges": self.ranges.as_ref().map(RangeLocks::counters),
             "events": self.report.counters(),
         })
         .to_string()

@@ -15,6 +15,7 @@
 //!   recovered after an unclean shutdown.
 //! - [`scrub`] (`scrub.rs`): offline verification of a whole image.
 
+pub mod ranges;
 mod scrub;
 mod store;
 
@@ -23,8 +24,8 @@ mod tests;
 
 pub use scrub::{scrub, ScrubMismatch, ScrubReport};
 pub use store::{
-    default_store_path, ChecksumStore, IntegrityError, Mismatch, OpenOutcome, RecoveredBlock,
-    StoreOptions, ALGORITHM_CRC32C, HEADER_SIZE, STORE_MAGIC, STORE_VERSION,
+    default_store_path, ChecksumStore, FlushTicket, IntegrityError, Mismatch, OpenOutcome,
+    RecoveredBlock, StoreOptions, ALGORITHM_CRC32C, HEADER_SIZE, STORE_MAGIC, STORE_VERSION,
 };
 
 use std::sync::OnceLock;

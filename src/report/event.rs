@@ -192,6 +192,11 @@ pub struct ConflictEvent {
     /// (omitted when empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overlapping: Vec<u64>,
+    /// Ids of the other in-flight requests on overlapping LBAs (legal, and
+    /// ordered by the range locks; docs/DESIGN.md §7), when the request also
+    /// overlaps some on the image; omitted when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lba_overlapping: Vec<u64>,
     /// Guest-physical ranges of the overlap, `"0xGPA+0xLEN"` (bytes; see
     /// [`gpa_range`]; omitted when empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

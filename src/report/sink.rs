@@ -74,6 +74,10 @@ pub fn human_line(e: &Event) -> String {
                 let _ = write!(s, " overlaps req {}", ids.join(","));
             }
             let _ = write!(s, "; req {} {}", c.request_id, c.op.name());
+            if !c.lba_overlapping.is_empty() {
+                let ids: Vec<String> = c.lba_overlapping.iter().map(u64::to_string).collect();
+                let _ = write!(s, "; same LBAs as req {}", ids.join(","));
+            }
             let _ = write!(s, "; rule {}", c.rule.name());
             let _ = write!(s, "; policy {}", c.policy.name());
             let _ = write!(s, "; action {}", c.action.name());

@@ -57,6 +57,7 @@ fn conflict() -> ConflictEvent {
         pin_direction: Direction::DeviceRead,
         pin_age_us: 120,
         overlapping: vec![4, 5],
+        lba_overlapping: Vec::new(),
         guest_ranges: Vec::new(),
         detail: None,
     }
@@ -148,6 +149,7 @@ fn golden() -> Vec<(Event, &'static str, &'static str)> {
                 pin_direction: Direction::DeviceWrite,
                 pin_age_us: 1200,
                 overlapping: vec![4, 5],
+                lba_overlapping: Vec::new(),
                 guest_ranges: vec![gpa_range(0x10000, 0x1000), gpa_range(0x20000, 0x200)],
                 detail: None,
             }
@@ -169,6 +171,7 @@ fn golden() -> Vec<(Event, &'static str, &'static str)> {
                 pin_direction: Direction::DeviceRead,
                 pin_age_us: 5,
                 overlapping: vec![3],
+                lba_overlapping: Vec::new(),
                 guest_ranges: vec![gpa_range(0x10000, 0x1000)],
                 detail: Some("not stalling: a conflicting pin is long-term".into()),
             }

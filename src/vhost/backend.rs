@@ -64,8 +64,17 @@ impl BlkBackend {
 
     /// Completes every in-flight request of every queue.
     pub fn drain_all(&self) {
-        for i in 0..self.workers.len() {
-            self.worker(i).drain();
+        // In turns: a request of one queue may wait for an LBA range held by
+        // another queue's request, which only that queue's worker completes.
+        loop {
+            let mut idle = true;
+            for i in 0..self.workers.len() {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(2);
+                idle &= self.worker(i).drain_until(Some(deadline));
+            }
+            if idle {
+                break;
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! long-term pins; docs/DESIGN.md §3, §4). Torn writes and checksum failures
 //! are built in `integrity.rs`.
 
-use super::job::Job;
+use super::job::{lba_blocks, Job};
 use crate::device::Device;
 use crate::pin::policy::{Action, NoStall};
 use crate::pin::{PinConflict, Rule};
@@ -67,6 +67,10 @@ pub(super) fn conflict_event(
         pin_direction: oldest.by.direction,
         pin_age_us: oldest.by.age.as_micros() as u64,
         overlapping,
+        lba_overlapping: match (dev.ranges(), lba_blocks(&job.req)) {
+            (Some(r), Some((blocks, _))) => r.overlapping(&blocks, job.id),
+            _ => Vec::new(),
+        },
         guest_ranges,
         detail: no_stall.map(|n| {
             match n {

@@ -13,7 +13,7 @@ use super::job::{Io, Job};
 use super::QueueWorker;
 use crate::guest::{read_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
-use crate::integrity::{crc32c, BLOCK_SIZE};
+use crate::integrity::{crc32c, crc32c_append, BLOCK_SIZE};
 use crate::report::{
     gpa_range, Algorithm, BlockCsum, ChecksumAction, ChecksumFailureEvent, Crc, Event, Outcome,
     ReportOp, TornWriteAction, TornWriteEvent,
@@ -49,26 +49,70 @@ impl QueueWorker {
         }
     }
 
-    /// At submission of a WRITE: the CRC32C of every 4 KiB chunk of the bytes submitted.
+    /// At submission of a WRITE (its range lock held): the CRC32C of every
+    /// 4 KiB chunk of the bytes submitted (R3), and for a WRITE that covers
+    /// blocks only partly, the checksum of each touched block as the guest
+    /// means it to be: the image's bytes around the request, which no other
+    /// request may change while the lock is held, merged with the submitted
+    /// bytes (so a torn partial-block write fails verification on read-back).
     pub(super) fn integrity_submit(&mut self, slot: u32) {
-        if self.dev.store().is_none() {
+        let dev = self.dev.clone();
+        let Some(store) = dev.store() else {
             return;
-        }
+        };
         let f = self.jobs.get_mut(slot).expect("slot in use");
         if !f.is_write() {
             return;
         }
-        let crcs = Self::data_now(&mut self.scratch, f)
-            .map(chunk_crcs)
-            .unwrap_or_default();
+        let offset = f.req.sector().bytes();
+        let Some(data) = Self::data_now(&mut self.scratch, f) else {
+            return;
+        };
+        let crcs = chunk_crcs(data);
+        let aligned = offset.is_multiple_of(BLOCK_SIZE) && (data.len() as u64).is_multiple_of(BLOCK_SIZE);
+        let merged = if aligned || data.is_empty() {
+            Vec::new()
+        } else {
+            match merged_block_crcs(dev.image().file(), store, offset, data) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::warn!(
+                        "request {}: cannot read the rest of a partly written block: {e}",
+                        f.id
+                    );
+                    Vec::new()
+                }
+            }
+        };
         if let Io::Transfer(t) = &mut f.io {
             t.submitted_crcs = crcs;
+            t.block_crcs = merged;
         }
     }
 
-    /// At completion, before the used element is pushed.
+    /// At completion, before the used element is pushed and the range lock
+    /// released: R3, R4, the store updated. A failed write, discard or
+    /// write-zeroes leaves its blocks undefined: the store takes what the
+    /// image holds now, so that no later READ reports it as corruption.
     pub(super) fn integrity_complete(&mut self, f: &mut Job) {
-        if self.dev.store().is_none() || f.status != VIRTIO_BLK_S_OK as u8 {
+        let Some(store) = self.dev.store() else {
+            return;
+        };
+        if f.status != VIRTIO_BLK_S_OK as u8 {
+            let image = self.dev.image().file();
+            let read_image = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
+            let res = match (&f.req.command, &f.io) {
+                (Command::Write { sector }, _) => {
+                    store.refresh_with(sector.bytes(), u64::from(f.req.data_len), read_image)
+                }
+                (_, Io::Segments(segs)) => segs
+                    .iter()
+                    .try_for_each(|s| store.refresh_with(s.offset(), s.len(), read_image)),
+                _ => Ok(()),
+            };
+            if let Err(e) = res {
+                log::error!("request {}: checksum store after a failed write: {e}", f.id);
+            }
             return;
         }
         let submitted = f.transfer().map_or(0, |t| t.submitted_crcs.len());
@@ -85,7 +129,7 @@ impl QueueWorker {
         let read_image = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
         let offset = f.req.sector().bytes();
         let len = u64::from(f.req.data_len);
-        let res = match (&f.req.command, &f.io) {
+        let res = match (&f.req.command, &mut f.io) {
             (Command::Write { .. }, Io::Transfer(t)) => {
                 let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
                 if aligned && t.submitted_crcs.len() as u64 == len / BLOCK_SIZE {
@@ -95,20 +139,33 @@ impl QueueWorker {
                         .iter()
                         .enumerate()
                         .try_for_each(|(i, &c)| store.set_expected(first + i as u64, c))
+                } else if !t.block_crcs.is_empty() {
+                    // Partial blocks: the merged checksums taken at submission.
+                    let first = offset / BLOCK_SIZE;
+                    t.block_crcs
+                        .iter()
+                        .enumerate()
+                        .try_for_each(|(i, &c)| store.set_expected(first + i as u64, c))
                 } else {
-                    // Partial blocks: checksum them as they are on disk now.
+                    // No checksum taken at submission (guest memory unreadable):
+                    // checksum the blocks as they are on disk now.
                     store.refresh_with(offset, len, read_image)
                 }
             }
-            (Command::Flush, _) => {
-                store
-                    .flush()
-                    .map_err(|e| crate::integrity::IntegrityError::Io {
-                        what: "flush checksum store",
-                        path: store.path().to_path_buf(),
-                        source: e,
-                    })
-            }
+            (Command::Flush, Io::Flush(ticket)) => store
+                .flush()
+                .map(|()| {
+                    // Image and store are durable: regions with nothing in
+                    // flight since the FLUSH began are no longer suspect.
+                    if let Some(t) = ticket.take() {
+                        store.flush_end(t);
+                    }
+                })
+                .map_err(|e| crate::integrity::IntegrityError::Io {
+                    what: "flush checksum store",
+                    path: store.path().to_path_buf(),
+                    source: e,
+                }),
             (_, Io::Segments(segs)) => segs
                 .iter()
                 .try_for_each(|s| store.record_zero_with(s.offset(), s.len(), read_image)),
@@ -265,4 +322,37 @@ fn guest_ranges_of(f: &Job, mut start: u64, mut len: u64) -> Vec<String> {
         }
     }
     out
+}
+
+/// The checksum of each 4 KiB block that `data`, written at image byte
+/// `offset`, touches: the image's bytes of the block before and after the
+/// written part, merged with `data`. The caller holds the blocks' range lock.
+fn merged_block_crcs(
+    image: &std::fs::File,
+    store: &crate::integrity::ChecksumStore,
+    offset: u64,
+    data: &[u8],
+) -> std::io::Result<Vec<u32>> {
+    let end = offset + data.len() as u64;
+    let mut buf = [0u8; BLOCK_SIZE as usize];
+    let mut out = Vec::new();
+    for b in offset / BLOCK_SIZE..end.div_ceil(BLOCK_SIZE) {
+        let start = b * BLOCK_SIZE;
+        let stop = start + store.block_len(b) as u64;
+        let mut crc = 0;
+        if offset > start {
+            let head = &mut buf[..(offset - start) as usize];
+            image.read_exact_at(head, start)?;
+            crc = crc32c_append(crc, head);
+        }
+        let (from, to) = (offset.max(start), end.min(stop));
+        crc = crc32c_append(crc, &data[(from - offset) as usize..(to - offset) as usize]);
+        if end < stop {
+            let tail = &mut buf[..(stop - end) as usize];
+            image.read_exact_at(tail, end)?;
+            crc = crc32c_append(crc, tail);
+        }
+        out.push(crc);
+    }
+    Ok(out)
 }

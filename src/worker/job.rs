@@ -10,6 +10,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use super::park::Park;
 use super::GuestMem;
 use crate::guest::GuestRange;
+use crate::integrity::ranges::{Access, RangeTicket};
+use crate::integrity::FlushTicket;
+use crate::integrity::BLOCK_SIZE;
 use crate::pin::PinHandle;
 use crate::storage::engine::IoVec;
 use crate::virtio_blk::{Command, Request, Segment};
@@ -30,6 +33,12 @@ pub(super) struct Job {
     pub stage: Stage,
     /// What the job moves.
     pub io: Io,
+    /// Its LBA range lock (checksums on): from just before submission until
+    /// its checksums are recorded or verified.
+    pub range: Option<RangeTicket>,
+    /// Image bytes (offset, length) counted in the write-intent record, to
+    /// be ended when the job is done.
+    pub intent: Option<(u64, u64)>,
 }
 
 /// Where a job stands.
@@ -51,8 +60,8 @@ pub(super) enum Stage {
 pub(super) enum Io {
     /// READ or WRITE.
     Transfer(Transfer),
-    /// FLUSH.
-    Flush,
+    /// FLUSH, with its place in the write-intent record (checksums on).
+    Flush(Option<FlushTicket>),
     /// DISCARD or WRITE_ZEROES: one fallocate per segment.
     Segments(Vec<Segment>),
 }
@@ -71,6 +80,10 @@ pub(super) struct Transfer {
     pub bounce: Option<BounceBuf>,
     /// CRC32C of each 4 KiB chunk of a WRITE's data at submission (R3).
     pub submitted_crcs: Vec<u32>,
+    /// For a WRITE covering blocks only partly: the checksum of each block
+    /// it touches, the image's bytes merged with the submitted ones (empty
+    /// for aligned writes, whose `submitted_crcs` are the block checksums).
+    pub block_crcs: Vec<u32>,
 }
 
 impl Job {
@@ -212,4 +225,37 @@ pub(super) fn host_iovecs(mem: &GuestMem, ranges: &[GuestRange]) -> Result<Vec<I
         return Err(format!("{} host segments exceed IOV_MAX", iov.len()));
     }
     Ok(iov)
+}
+
+/// The image bytes a WRITE, DISCARD or WRITE_ZEROES changes, as one extent
+/// (offset, length; the hull of a DISCARD's segments); `None` for the others
+/// and for empty ones.
+pub(super) fn write_extent(req: &Request) -> Option<(u64, u64)> {
+    let (start, end) = match &req.command {
+        Command::Write { sector } => (sector.bytes(), sector.bytes() + u64::from(req.data_len)),
+        Command::Discard(segs) | Command::WriteZeroes(segs) => (
+            segs.iter().map(Segment::offset).min()?,
+            segs.iter().map(|s| s.offset() + s.len()).max()?,
+        ),
+        _ => return None,
+    };
+    (end > start).then_some((start, end - start))
+}
+
+/// The 4 KiB checksum blocks (end exclusive) a request's range lock covers
+/// and how; `None` for FLUSH, GET_ID and empty requests.
+pub(super) fn lba_blocks(req: &Request) -> Option<(std::ops::Range<u64>, Access)> {
+    let (start, len, access) = match &req.command {
+        Command::Read { sector } => (sector.bytes(), u64::from(req.data_len), Access::Shared),
+        _ => {
+            let (start, len) = write_extent(req)?;
+            (start, len, Access::Exclusive)
+        }
+    };
+    (len > 0).then(|| {
+        (
+            start / BLOCK_SIZE..(start + len).div_ceil(BLOCK_SIZE),
+            access,
+        )
+    })
 }

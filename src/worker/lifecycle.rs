@@ -18,7 +18,9 @@ use std::time::Instant;
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 use super::events::{conflict_event, emit};
-use super::job::{advance, host_iovecs, BounceBuf, Io, Job, Stage, Transfer};
+use super::job::{
+    advance, host_iovecs, lba_blocks, write_extent, BounceBuf, Io, Job, Stage, Transfer,
+};
 use super::park::Park;
 use super::{GuestMem, QueueWorker};
 use crate::guest::{read_ranges, write_ranges};
@@ -66,6 +68,7 @@ impl QueueWorker {
                         remaining: u64::from(req.data_len),
                         bounce: None,
                         submitted_crcs: Vec::new(),
+                        block_crcs: Vec::new(),
                     }),
                     Err(why) => {
                         log::warn!(
@@ -79,7 +82,7 @@ impl QueueWorker {
                     }
                 }
             }
-            Command::Flush => Io::Flush,
+            Command::Flush => Io::Flush(None),
             Command::Discard(segs) | Command::WriteZeroes(segs) => Io::Segments(segs.clone()),
         };
         let slot = self.jobs.insert(Job {
@@ -90,6 +93,8 @@ impl QueueWorker {
             status: OK,
             stage: Stage::Pinned,
             io,
+            range: None,
+            intent: None,
         });
         self.admit(slot);
     }
@@ -210,13 +215,50 @@ impl QueueWorker {
         if bounce && self.job(slot).bounce().is_none() && !self.take_bounce(slot, force) {
             return self.park(slot, Park::PoolWait);
         }
+        if !self.lock_range(slot) {
+            return self.park(slot, Park::RangeWait);
+        }
         let dev = self.dev.clone();
         let job = self.job(slot);
         if let Some(pin) = &job.pin {
             dev.pins().mark_submitted(pin);
         }
+        if let (Some(store), Io::Flush(ticket)) = (dev.store(), &mut job.io) {
+            *ticket = Some(store.flush_begin());
+        }
+        if let (Some(store), Some((offset, len))) = (dev.store(), write_extent(&job.req)) {
+            if let Err(e) = store.intent_begin(offset, len) {
+                log::error!("request {}: write-intent record: {e}", job.id);
+                job.status = IOERR;
+                return self.finish(slot);
+            }
+            job.intent = Some((offset, len));
+        }
         self.integrity_submit(slot);
         self.issue(slot)
+    }
+
+    /// Takes (or retries) the job's LBA range lock: shared for a READ,
+    /// exclusive for a WRITE, DISCARD or WRITE_ZEROES, on the 4 KiB checksum
+    /// blocks it touches. `true` when held (or not needed: no range
+    /// tracking, FLUSH, an empty range); `false` while an earlier
+    /// overlapping request holds or waits for them.
+    fn lock_range(&mut self, slot: u32) -> bool {
+        let dev = self.dev.clone();
+        let Some(ranges) = dev.ranges() else {
+            return true;
+        };
+        let index = self.index;
+        let job = self.job(slot);
+        if let Some(t) = &job.range {
+            return ranges.try_grant(t);
+        }
+        let Some((blocks, access)) = lba_blocks(&job.req) else {
+            return true;
+        };
+        let (ticket, granted) = ranges.acquire(index, job.id, blocks, access);
+        job.range = Some(ticket);
+        granted
     }
 
     /// Gives the job in `slot` a bounce buffer (a WRITE's data copied into
@@ -287,7 +329,7 @@ impl QueueWorker {
                     );
                 }
             }
-            (Io::Flush, _) => push(&mut self.engine, Op::Flush),
+            (Io::Flush(_), _) => push(&mut self.engine, Op::Flush),
             (Io::Segments(segs), _) => {
                 let zeroing = matches!(job.req.command, Command::WriteZeroes(_));
                 for s in segs {
@@ -350,7 +392,7 @@ impl QueueWorker {
                     return self.issue(slot);
                 }
             }
-            Io::Flush => {
+            Io::Flush(_) => {
                 if let Some(e) = err {
                     log::error!("queue {index} request {}: FLUSH failed: {e}", job.id);
                     job.status = IOERR;
@@ -412,6 +454,12 @@ impl QueueWorker {
     pub(super) fn finish(&mut self, slot: u32) {
         let mut job = self.jobs.take(slot).expect("finished slot is in use");
         self.integrity_complete(&mut job);
+        if let (Some(store), Some((offset, len))) = (self.dev.store(), job.intent.take()) {
+            store.intent_end(offset, len);
+        }
+        if let (Some(ranges), Some(t)) = (self.dev.ranges(), job.range.take()) {
+            ranges.release(t);
+        }
         let bounce = match &mut job.io {
             Io::Transfer(t) => t.bounce.take(),
             _ => None,

@@ -109,12 +109,23 @@ impl QueueWorker {
                 queue: index,
                 source,
             })?;
+        let waker_fd = Arc::new(waker_fd);
+        let fd = waker_fd.clone();
         dev.pins().set_waker(
             index,
             Some(Arc::new(move || {
-                let _ = waker_fd.write(1);
+                let _ = fd.write(1);
             })),
         );
+        // A request waiting for an LBA range is woken when it is released.
+        if let Some(ranges) = dev.ranges() {
+            ranges.set_waker(
+                index,
+                Some(Arc::new(move || {
+                    let _ = waker_fd.write(1);
+                })),
+            );
+        }
         Ok(QueueWorker {
             dev,
             mem,
@@ -210,8 +221,16 @@ impl QueueWorker {
     /// (vhost-user GET_VRING_BASE, disconnect, shutdown). Stalls end at once
     /// (as timeouts): nothing may wait past a drain.
     pub fn drain(&mut self) {
+        self.drain_until(None);
+    }
+
+    /// [`QueueWorker::drain`], giving up at `deadline` (if any); `true` when
+    /// nothing is left. A request waiting for an LBA range held by another
+    /// queue's request needs that queue to make progress too: drain all
+    /// queues of a connection in turns with short deadlines.
+    pub fn drain_until(&mut self, deadline: Option<std::time::Instant>) -> bool {
         self.retry_parked(true);
-        while !self.jobs.is_empty() {
+        while !self.jobs.is_empty() && deadline.is_none_or(|d| std::time::Instant::now() < d) {
             if let Err(e) = self.engine.wait() {
                 if e.raw_os_error() != Some(libc::EINTR) {
                     log::error!("queue {}: io_uring wait failed: {e}", self.index);
@@ -224,6 +243,7 @@ impl QueueWorker {
         if let Some(v) = self.vring.clone() {
             self.signal(&v);
         }
+        self.jobs.is_empty()
     }
 
     /// Reaps every available completion and moves its request on.
@@ -315,6 +335,9 @@ mod policy_tests;
 
 #[cfg(test)]
 mod engine_tests;
+
+#[cfg(test)]
+mod overlap_tests;
 
 #[cfg(test)]
 pub(crate) mod test_util;

@@ -34,6 +34,8 @@ pub(super) enum Park {
     },
     /// Waiting for bounce-pool memory.
     PoolWait,
+    /// Waiting for an earlier request on overlapping LBAs (range lock).
+    RangeWait,
 }
 
 /// The worker's parked jobs and its retry timer.
@@ -109,6 +111,9 @@ impl QueueWorker {
                     }
                 }
                 Stage::Parked(Park::PoolWait) => self.go(slot, true, force),
+                // Never forced: the earlier request it waits on is submitted
+                // and completes by itself.
+                Stage::Parked(Park::RangeWait) => self.go(slot, false, force),
                 other => job.stage = other,
             }
         }
