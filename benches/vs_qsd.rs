@@ -536,6 +536,11 @@ fn backends(opts: &Opts, notes: &mut Vec<String>) -> Vec<BackendSpec> {
         ),
         ("pinblk checksums on + bounce (default)", &[], &[]),
         (
+            "pinblk checksums on, range tracking off",
+            &["--range-tracking"],
+            &["--range-tracking", "off"],
+        ),
+        (
             "pinblk checksums on + bounce always",
             &["--bounce"],
             &["--bounce", "always"],
@@ -1136,6 +1141,21 @@ fn report(
             "≥ 0.97",
             &|x| x >= 0.97,
         );
+    }
+    let noranges = find("range tracking off");
+    let _ = writeln!(
+        r,
+        "\n### Cost of LBA range locks and the write-intent record (issue 11)\n"
+    );
+    let _ = writeln!(
+        r,
+        "Default (checksums on, range tracking on) against the same with `--range-tracking off`."
+    );
+    let _ = writeln!(r, "\n| workload | on / off IOPS |\n|---|---:|");
+    for id in ["randwrite-qd32", "seqwrite-128k", "randread-qd32-2q"] {
+        let v =
+            ratio(iops(def, id), iops(noranges, id)).map_or("–".into(), |x| format!("{x:.2}"));
+        let _ = writeln!(r, "| {id} | {v} |");
     }
     if !errors.is_empty() {
         let _ = writeln!(r, "\n### Errors\n");

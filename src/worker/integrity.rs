@@ -69,7 +69,8 @@ impl QueueWorker {
             return;
         };
         let crcs = chunk_crcs(data);
-        let aligned = offset.is_multiple_of(BLOCK_SIZE) && (data.len() as u64).is_multiple_of(BLOCK_SIZE);
+        let aligned =
+            offset.is_multiple_of(BLOCK_SIZE) && (data.len() as u64).is_multiple_of(BLOCK_SIZE);
         let merged = if aligned || data.is_empty() {
             Vec::new()
         } else {
