@@ -95,6 +95,49 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Starts `pinblk serve` on `dir/disk.img` (created sparse with `size`
+    /// bytes if missing, reused with its checksum store otherwise), appending
+    /// its events to `report`.
+    pub fn start_reporting(
+        dir: tempfile::TempDir,
+        size: u64,
+        report: &Path,
+        extra: &[&str],
+    ) -> Server {
+        let image = dir.path().join("disk.img");
+        let size = size.to_string();
+        let create: &[&str] = if image.exists() {
+            &[]
+        } else {
+            &["--size", &size]
+        };
+        let mut args = vec!["--report", report.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::start_in(dir, image, create, &args)
+    }
+
+    /// `kill -9`: no drain, no clean close of the checksum store. Returns the
+    /// directory (image, store, reports) for a restart; the stale socket is
+    /// removed.
+    pub fn kill9(mut self) -> tempfile::TempDir {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+        let _ = std::fs::remove_file(&self.socket);
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// [`Server::stop`], keeping the directory (image, store, reports).
+    pub fn stop_keeping_dir(
+        mut self,
+        sig: i32,
+    ) -> (std::process::ExitStatus, String, tempfile::TempDir) {
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let (st, log) = self.stop(sig);
+        (st, log, dir)
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -214,4 +257,33 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// The events of a JSON Lines report (none if the file does not exist).
+pub fn events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("report line {l:?}: {e}")))
+        .collect()
+}
+
+/// Number of events of `kind`.
+pub fn count(events: &[serde_json::Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["kind"] == kind).count()
+}
+
+/// Runs `pinblk scrub --image IMAGE`: (exited 0, exit code, stdout + stderr).
+pub fn scrub(image: &Path) -> (bool, Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pinblk"))
+        .args(["scrub", "--image"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), out.status.code(), text)
 }
