@@ -125,6 +125,9 @@ pub enum Op<'a> {
     },
     /// fdatasync(2) of the image.
     Flush,
+    /// fdatasync(2) of the checksum store file given to
+    /// [`Engine::set_store_file`] (completes with `-EBADF` without one).
+    SyncStore,
     /// fallocate(2) of `len` bytes at `offset`.
     Fallocate {
         /// Byte offset in the image.
@@ -192,6 +195,22 @@ impl Engine {
     /// reaps right after submitting.
     pub fn completes_inline(&self) -> bool {
         matches!(self, Engine::Null(_))
+    }
+
+    /// Gives the engine (its own duplicate of) the checksum store's file,
+    /// for [`Op::SyncStore`].
+    ///
+    /// # Errors
+    /// dup(2) failing.
+    pub fn set_store_file(&mut self, store: &File) -> io::Result<()> {
+        let f = Some(store.try_clone()?);
+        match self {
+            Engine::Uring(u) => u.store = f,
+            Engine::Null(n) => n.uring.store = f,
+            #[cfg(test)]
+            Engine::Fake(e) => e.set_store(f),
+        }
+        Ok(())
     }
 
     /// The eventfd that becomes readable when completions may be waiting.
@@ -286,6 +305,8 @@ fn submit(ring: &mut IoUring) {
 pub struct UringEngine {
     ring: IoUring,
     file: File,
+    /// The checksum store (for [`Op::SyncStore`]).
+    store: Option<File>,
     eventfd: EventFd,
     /// Timespecs of pending timeouts, by encoded tag (the kernel reads them
     /// until the timeout completes).
@@ -307,6 +328,7 @@ impl UringEngine {
         Ok(UringEngine {
             ring,
             file: file.try_clone()?,
+            store: None,
             eventfd,
             timeouts: HashMap::new(),
         })
@@ -333,6 +355,13 @@ impl UringEngine {
             Op::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            Op::SyncStore => {
+                // -1 is not an fd: the kernel answers EBADF, as documented.
+                let store = types::Fd(self.store.as_ref().map_or(-1, |f| f.as_raw_fd()));
+                opcode::Fsync::new(store)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+            }
             Op::Fallocate { offset, len, how } => opcode::Fallocate::new(fd, len)
                 .offset(offset)
                 .mode(how.mode())
@@ -401,11 +430,13 @@ mod fake {
         Read(u64, Vec<IoVec>),
         Write(u64, Vec<IoVec>),
         Flush,
+        SyncStore,
         Fallocate(u64, u64, i32),
     }
 
     #[derive(Default)]
     struct State {
+        store: Option<File>,
         held: Vec<(Tag, Held)>,
         ready: VecDeque<(Tag, i32)>,
         timers: Vec<(Instant, Tag)>,
@@ -438,7 +469,8 @@ mod fake {
                 return false;
             };
             let (tag, op) = st.held.remove(i);
-            let res = self.perform(op);
+            let store = st.store.as_ref().map_or(-1, |f| f.as_raw_fd());
+            let res = self.perform(op, store);
             st.ready.push_back((tag, res));
             let _ = self.eventfd.write(1);
             true
@@ -451,7 +483,7 @@ mod fake {
             }
         }
 
-        fn perform(&self, op: Held) -> i32 {
+        fn perform(&self, op: Held, store: i32) -> i32 {
             let fd = self.file.as_raw_fd();
             let ret = match op {
                 // SAFETY: the worker's contract for `Engine::push` keeps these
@@ -466,6 +498,8 @@ mod fake {
                 },
                 // SAFETY: plain syscalls on an fd we own; no memory passed.
                 Held::Flush => unsafe { libc::fdatasync(fd) as isize },
+                // SAFETY: as above (-1 gives EBADF).
+                Held::SyncStore => unsafe { libc::fdatasync(store) as isize },
                 // SAFETY: as above.
                 Held::Fallocate(off, len, mode) => unsafe {
                     libc::fallocate(fd, mode, off as i64, len as i64) as isize
@@ -501,12 +535,17 @@ mod fake {
             )
         }
 
+        pub(super) fn set_store(&mut self, store: Option<File>) {
+            self.handle.lock().store = store;
+        }
+
         pub(super) fn push(&mut self, op: Op<'_>, tag: Tag) {
             let mut st = self.handle.lock();
             let held = match op {
                 Op::Read { offset, iov } => Held::Read(offset, iov.to_vec()),
                 Op::Write { offset, iov } => Held::Write(offset, iov.to_vec()),
                 Op::Flush => Held::Flush,
+                Op::SyncStore => Held::SyncStore,
                 Op::Fallocate { offset, len, how } => Held::Fallocate(offset, len, how.mode()),
                 Op::Timeout(d) => {
                     st.timers.push((Instant::now() + d, tag));
