@@ -271,14 +271,18 @@ pub struct TornWriteEvent {
 }
 
 /// `kind: "checksum_failure"` (R4): a block read does not match its stored
-/// checksum, and still does not when re-read into a private buffer.
+/// checksum, and still does not when re-read into a private buffer; or a
+/// block found mismatching at start after an unclean stop, outside every
+/// write-intent region ([`ChecksumFailureEvent::at_start`]: no request).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChecksumFailureEvent {
-    /// Request id.
-    pub request_id: u64,
-    /// Virtqueue index.
-    pub queue: u16,
-    /// Always [`ReportOp::Read`].
+    /// Request id (omitted when not about a request: found at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<u64>,
+    /// Virtqueue index (omitted when not about a request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u16>,
+    /// [`ReportOp::Read`], or [`ReportOp::Other`] when found at start.
     pub op: ReportOp,
     /// The block (`sector` = `block * 8`, `length` 4096, also for a shorter
     /// last block); `expected` is the stored checksum, `found` the checksum
@@ -289,15 +293,38 @@ pub struct ChecksumFailureEvent {
     pub rule: Rule,
     /// The device's `--policy`.
     pub policy: Policy,
-    /// What was done (`--on-mismatch`).
+    /// What was done (`--on-mismatch` for a READ; always
+    /// [`ChecksumAction::Report`] when found at start).
     pub action: ChecksumAction,
     /// Guest-physical ranges the block was read into, `"0xGPA+0xLEN"`
-    /// (bytes; omitted when empty).
+    /// (bytes; omitted when empty, as for one found at start).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guest_ranges: Vec<String>,
     /// Free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+impl ChecksumFailureEvent {
+    /// The event for block `block` (4 KiB units) found at start, after an
+    /// unclean stop, with checksum `found` while the store holds `expected`,
+    /// outside every write-intent region; `policy` is the device's.
+    pub fn at_start(block: u64, expected: u32, found: u32, policy: Policy) -> ChecksumFailureEvent {
+        ChecksumFailureEvent {
+            request_id: None,
+            queue: None,
+            op: ReportOp::Other,
+            csum: BlockCsum::of_block(block, expected, found),
+            rule: Rule::R4,
+            policy,
+            action: ChecksumAction::Report,
+            guest_ranges: Vec::new(),
+            detail: Some(
+                "found at start after an unclean stop, outside every write-intent region: no write was in flight there"
+                    .into(),
+            ),
+        }
+    }
 }
 
 /// `kind: "recovered"`: a block whose stored checksum was replaced by the

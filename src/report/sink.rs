@@ -31,7 +31,14 @@ pub fn human_line(e: &Event) -> String {
                 c.csum.expected,
                 c.csum.algorithm.name()
             );
-            let _ = write!(s, "; req {} {}", c.request_id, c.op.name());
+            match c.request_id {
+                Some(id) => {
+                    let _ = write!(s, "; req {id} {}", c.op.name());
+                }
+                None => {
+                    let _ = write!(s, "; {}", c.op.name());
+                }
+            }
             let _ = write!(s, "; rule {}", c.rule.name());
             let _ = write!(s, "; policy {}", c.policy.name());
             let _ = write!(s, "; action {}", c.action.name());

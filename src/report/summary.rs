@@ -146,7 +146,8 @@ pub fn kind_explanation(kind: EventKind) -> &'static str {
             "checksum_failure: a block read back does not match the CRC32C recorded when it was \
              written, and still does not after a re-read into a private buffer (R4). Either the \
              image was changed behind pinblk's back, the storage corrupted it, or an earlier \
-             torn write left it so. `action` says what was done: report (the guest got the data) or eio \
+             torn write left it so (op `other`: found at start after an unclean stop, outside every \
+             write-intent region). `action` says what was done: report (the guest got the data) or eio \
              (--on-mismatch eio: the guest got an I/O error, as under btrfs or dm-integrity). Run `pinblk scrub` offline to list every such block."
         }
         EventKind::TornWrite => {

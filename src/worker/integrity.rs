@@ -228,8 +228,8 @@ impl QueueWorker {
                 ChecksumAction::Report
             };
             let e = Event::new(ChecksumFailureEvent {
-                request_id: f.id,
-                queue: self.index,
+                request_id: Some(f.id),
+                queue: Some(self.index),
                 op: ReportOp::Read,
                 csum: BlockCsum::of_block(m.block, m.expected, recheck),
                 rule: Rule::R4,
