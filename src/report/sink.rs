@@ -69,8 +69,8 @@ pub fn human_line(e: &Event) -> String {
         EventBody::Recovered(r) => {
             let _ = write!(
                 s,
-                "recovered block at sector {:#x} (block {}) after an unclean shutdown: stored csum {} replaced by {} from the image",
-                r.csum.sector, r.csum.block, r.csum.expected, r.csum.found
+                "recovered write-intent region {} at sector {:#x} len {} after an unclean stop: {} block(s) re-checksummed from the image, first block {}",
+                r.region, r.sector, r.length, r.blocks, r.first_block
             );
             push_tail(&mut s, &[], r.detail.as_deref());
         }
@@ -131,7 +131,7 @@ pub struct CountersSnapshot {
     pub torn_writes: u64,
     /// `torn_write` events by action.
     pub torn_writes_by_action: BTreeMap<TornWriteAction, u64>,
-    /// `recovered` events (blocks).
+    /// `recovered` events (write-intent regions).
     pub recovered: u64,
     /// `conflict` events, all actions.
     pub conflicts: u64,
