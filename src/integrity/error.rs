@@ -24,7 +24,7 @@ pub enum IntegrityError {
     /// A read-only open (e.g. scrub) found no store.
     #[error("checksum store {0} does not exist; serve the image once with --checksum crc32c to create it")]
     StoreMissing(PathBuf),
-    /// The file does not start with [`STORE_MAGIC`].
+    /// The file does not start with [`super::STORE_MAGIC`].
     #[error(
         "{path} is not a pinblk checksum store (magic {found:?}, expected \"PINBLKCS\"); {REMEDY}"
     )]
