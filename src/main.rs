@@ -79,7 +79,9 @@ fn report(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Offline verification with a progress line; `Ok(false)` on any mismatch.
+/// Offline verification with a progress line; `Ok(false)` on any mismatch
+/// that fails the scrub (any on a clean store; outside every marked
+/// write-intent region on a store not closed cleanly).
 fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, Error> {
     let store = store
         .map(Path::to_path_buf)
@@ -97,21 +99,29 @@ fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, Error> {
     })?;
     eprintln!();
     for m in &r.mismatches {
-        println!(
+        print!(
             "checksum mismatch: block {} (sector {:#x}): expected csum {:#010x}, found {:#010x}",
             m.block, m.sector, m.expected, m.found
         );
+        if m.in_intent_region {
+            print!("; in a write-intent region (may have been in flight; `pinblk serve` will re-learn it)");
+        }
+        println!();
     }
     if !r.store_clean {
-        println!("note: the store was not closed cleanly; `pinblk serve` recovers in-flight blocks at its next start");
+        println!(
+            "note: the store was not closed cleanly; {} write-intent region(s) marked: mismatches in them may be writes in flight, which `pinblk serve` re-learns at its next start; any other mismatch is a failure",
+            r.marked_regions
+        );
     }
     println!(
-        "scrub: {} blocks verified, {} mismatch(es), store generation {}",
+        "scrub: {} blocks verified, {} mismatch(es), {} failing, store generation {}",
         r.blocks,
         r.mismatches.len(),
+        r.failures(),
         r.generation
     );
-    Ok(r.mismatches.is_empty())
+    Ok(r.ok())
 }
 
 fn main() -> ExitCode {

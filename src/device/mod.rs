@@ -15,11 +15,11 @@ use serde::Serialize;
 
 use crate::integrity::ranges::RangeLocks;
 use crate::integrity::{
-    default_store_path, ChecksumStore, IntegrityError, OnMismatch, StoreOptions,
+    default_store_path, ChecksumStore, IntegrityError, OnMismatch, StoreOptions, STORE_VERSION,
 };
 use crate::pin::policy::PolicyConfig;
 use crate::pin::PinTracker;
-use crate::report::{Event, RecoveredEvent, ReportError, ReportWriter};
+use crate::report::{ChecksumFailureEvent, Event, RecoveredEvent, ReportError, ReportWriter};
 use crate::storage::{Image, ImageOptions, StorageError};
 use crate::virtio_blk::config::DeviceConfig;
 
@@ -271,8 +271,9 @@ impl Device {
     /// Opens the device `opts` describes: checks the options, opens (creating
     /// if asked) and locks the image, opens the report file, builds the pin
     /// tracker, and opens (creating or recovering) the checksum store unless
-    /// checksums are off or the device is `null`. Blocks re-checksummed after
-    /// an unclean shutdown are reported as `recovered` events. Logs what is
+    /// checksums are off or the device is `null`. After an unclean stop, the
+    /// regions recovered are reported as `recovered` events and the blocks
+    /// mismatching outside every write-intent region as `checksum_failure`. Logs what is
     /// served and how.
     ///
     /// # Errors
@@ -490,9 +491,12 @@ impl Device {
     }
 }
 
-/// Opens the checksum store of `image`; after an unclean shutdown, the
-/// blocks re-checksummed from the image are reported as `recovered` through
-/// `report`. `Ok(None)` for a read-only device without a store (checksums off).
+/// Opens the checksum store of `image`. After an unclean stop, each
+/// write-intent region whose blocks were re-checksummed from the image is
+/// reported as one `recovered`, and each block found mismatching outside
+/// every marked region as a `checksum_failure` (no request, `op: other`,
+/// action `report`), through `report`. `Ok(None)` for a read-only device
+/// without a store (checksums off).
 fn open_store(
     opts: &DeviceOptions,
     image: &Image,
@@ -522,18 +526,37 @@ fn open_store(
             store.path().display()
         );
     }
-    if outcome.unclean {
-        log::warn!(
-            "checksum store {} was not closed cleanly (crash or kill -9): {} block(s) re-checksummed from the image",
-            store.path().display(),
-            outcome.recovered.len()
+    if let Some(v) = outcome.migrated_from {
+        log::info!(
+            "migrated checksum store {} from format version {v} to {STORE_VERSION}",
+            store.path().display()
         );
     }
-    for r in &outcome.recovered {
-        let e = Event::new(RecoveredEvent::new(r.block, r.stored, r.found));
+    if outcome.unclean {
+        log::warn!(
+            "checksum store {} was not closed cleanly (crash or kill -9): {} write-intent region(s) marked, {} recovered ({} block(s) re-checksummed from the image), {} block(s) mismatching outside every marked region",
+            store.path().display(),
+            outcome.marked_regions,
+            outcome.recovered.len(),
+            outcome.recovered.iter().map(|r| r.blocks.len()).sum::<usize>(),
+            outcome.cold_mismatches.len()
+        );
+    }
+    let emit = |e: Event| {
         if let Err(err) = report.emit(&e) {
             log::error!("cannot write report event: {err}");
         }
+    };
+    for r in &outcome.recovered {
+        emit(Event::new(RecoveredEvent::new(r)));
+    }
+    for m in &outcome.cold_mismatches {
+        emit(Event::new(ChecksumFailureEvent::at_start(
+            m.block,
+            m.expected,
+            m.found,
+            opts.policy.policy,
+        )));
     }
     Ok(Some(store))
 }

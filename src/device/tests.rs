@@ -100,22 +100,66 @@ fn typed_errors() {
 fn unclean_store_is_recovered_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = opts(dir.path());
+    o.image_options.create_size = Some(2 << 20);
     o.report = Some(dir.path().join("r.jsonl"));
-    // Dropped without close: the store stays marked in use.
-    drop(Device::open(&o).unwrap());
+    o.on_mismatch = OnMismatch::Eio;
+    // A write in flight at the crash in region 0 (block 3: its checksum
+    // recorded, its data never landed), then dropped without close: the
+    // store stays marked in use, like kill -9.
+    let dev = Device::open(&o).unwrap();
+    let store = dev.store().unwrap();
+    store.intent_begin(3 * 4096, 4096).unwrap();
+    store.set_expected(3, 0x1234_5678).unwrap();
+    drop(dev);
+    // Block 300 (region 1, no write in flight) changed behind pinblk's back.
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&o.image)
         .unwrap();
-    f.write_all_at(&[0xab; 16], 3 * 4096).unwrap();
+    f.write_all_at(&[0xab; 16], 300 * 4096).unwrap();
     let dev = Device::open(&o).unwrap();
     let text = std::fs::read_to_string(o.report.as_ref().unwrap()).unwrap();
     let ev: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(ev.len(), 1, "{text}");
+    assert_eq!(ev.len(), 2, "{text}");
+    // One `recovered` for the region, naming the block re-learned.
     assert_eq!(ev[0]["kind"], "recovered");
-    assert_eq!(ev[0]["block"], 3);
+    assert_eq!(ev[0]["op"], "other");
+    assert_eq!((&ev[0]["region"], &ev[0]["sector"]), (&0.into(), &0.into()));
+    assert_eq!(ev[0]["length"], 1 << 20);
+    assert_eq!(
+        (&ev[0]["blocks"], &ev[0]["first_block"]),
+        (&1.into(), &3.into())
+    );
+    assert_eq!(ev[0]["block_list"], serde_json::json!([3]));
+    // A `checksum_failure` for the cold block, with no request.
+    let cf = &ev[1];
+    assert_eq!(cf["kind"], "checksum_failure");
+    assert_eq!((&cf["block"], &cf["sector"]), (&300.into(), &2400.into()));
+    assert_eq!((&cf["op"], &cf["rule"]), (&"other".into(), &"R4".into()));
+    assert_eq!(cf["action"], "report", "nothing was read: no EIO");
+    assert_eq!(cf["policy"], "bounce");
+    for absent in ["request_id", "queue", "guest_ranges"] {
+        assert!(cf.get(absent).is_none(), "{absent} in {cf}");
+    }
+    assert!(
+        cf["detail"]
+            .as_str()
+            .unwrap()
+            .contains("outside every write-intent region"),
+        "{cf}"
+    );
+    let c = dev.report().counters();
+    assert_eq!((c.recovered, c.checksum_failures), (1, 1));
+    // The cold block keeps its stored checksum: it still fails.
+    let store = dev.store().unwrap();
+    let mut block = vec![0u8; 4096];
+    std::fs::File::open(&o.image)
+        .unwrap()
+        .read_exact_at(&mut block, 300 * 4096)
+        .unwrap();
+    assert_eq!(store.verify(300 * 4096, &[&block]).unwrap().len(), 1);
     dev.close().unwrap();
 }

@@ -10,11 +10,17 @@
 //!   that exist ([`ChecksumStore::block_len`]).
 //!
 //! Parts:
-//! - [`ChecksumStore`] (`store.rs`): the in-memory table of one CRC32C per
-//!   block and its file beside the image (`IMAGE.pinsum`), durable at FLUSH,
-//!   recovered after an unclean shutdown.
+//! - [`ChecksumStore`] (`store.rs`): one CRC32C per block and a write-intent
+//!   bitmap of 1 MiB regions in a memory-mapped file beside the image
+//!   (`IMAGE.pinsum`): nothing lost by a process crash, durable at FLUSH,
+//!   recovered after an unclean stop only where a write may have been in
+//!   flight. `format.rs` has the header and layout (and the v1 → v2
+//!   migration), `mapping.rs` the mmap, `error.rs` the errors.
 //! - [`scrub`] (`scrub.rs`): offline verification of a whole image.
 
+mod error;
+mod format;
+mod mapping;
 pub mod ranges;
 mod scrub;
 mod store;
@@ -22,10 +28,14 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+pub use error::IntegrityError;
+pub use format::{
+    StoreLayout, ALGORITHM_CRC32C, HEADER_SIZE, REGION_SIZE, STORE_MAGIC, STORE_VERSION,
+};
 pub use scrub::{scrub, ScrubMismatch, ScrubReport};
 pub use store::{
-    default_store_path, ChecksumStore, FlushTicket, IntegrityError, Mismatch, OpenOutcome,
-    RecoveredBlock, StoreOptions, ALGORITHM_CRC32C, HEADER_SIZE, STORE_MAGIC, STORE_VERSION,
+    default_store_path, ChecksumStore, FlushTicket, Mismatch, OpenOutcome, RecoveredRegion,
+    StoreOptions,
 };
 
 use std::sync::OnceLock;

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::store::scan_image;
-use super::{hex_crc, ChecksumStore, IntegrityError, StoreOptions, SECTORS_PER_BLOCK};
+use super::{hex_crc, ChecksumStore, IntegrityError, StoreOptions, BLOCK_SIZE, SECTORS_PER_BLOCK};
 
 /// One block whose image content does not match its stored checksum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -21,6 +21,11 @@ pub struct ScrubMismatch {
     pub expected: u32,
     /// Checksum of the block in the image.
     pub found: u32,
+    /// The store is not closed cleanly and the block is in a marked
+    /// write-intent region: a write may have been in flight there, and the
+    /// next `pinblk serve` re-learns it (reported `recovered`). Such a
+    /// mismatch does not fail the scrub; every other one does.
+    pub in_intent_region: bool,
 }
 
 /// Result of [`scrub`].
@@ -31,10 +36,12 @@ pub struct ScrubReport {
     /// Blocks verified (4 KiB units).
     pub blocks: u64,
     /// The store was closed cleanly. When false, the last pinblk did not
-    /// close it (crash, `kill -9`, or it is still being served by a process
-    /// that does not lock it): mismatches may be writes that were in flight,
-    /// which the next `pinblk serve` recovers and reports as `recovered`.
+    /// close it (crash, `kill -9`): mismatches in marked write-intent regions
+    /// may be writes that were in flight, which the next `pinblk serve`
+    /// re-learns and reports as `recovered`; the others are failures.
     pub store_clean: bool,
+    /// Write-intent regions marked in the store (0 when closed cleanly).
+    pub marked_regions: u64,
     /// Store generation.
     pub generation: u64,
     /// Mismatching blocks, in block order.
@@ -42,17 +49,27 @@ pub struct ScrubReport {
 }
 
 impl ScrubReport {
-    /// True when every block matched (whether or not the store was closed
-    /// cleanly: an unclean store whose every block matches is consistent).
+    /// True when no mismatch fails the scrub: every block matched, or (store
+    /// not closed cleanly) every mismatching block is in a marked
+    /// write-intent region.
     pub fn ok(&self) -> bool {
-        self.mismatches.is_empty()
+        self.failures() == 0
+    }
+
+    /// Mismatches that fail the scrub (all of them on a clean store; those
+    /// outside every marked region on an unclean one).
+    pub fn failures(&self) -> usize {
+        self.mismatches
+            .iter()
+            .filter(|m| !m.in_intent_region)
+            .count()
     }
 }
 
 impl fmt::Display for ScrubReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for m in &self.mismatches {
-            writeln!(
+            write!(
                 f,
                 "checksum failed at sector {:#x} (block {}): csum {} expected csum {} (crc32c)",
                 m.sector,
@@ -60,18 +77,26 @@ impl fmt::Display for ScrubReport {
                 hex_crc(m.found),
                 hex_crc(m.expected)
             )?;
+            if m.in_intent_region {
+                write!(f, "; in a write-intent region (may have been in flight; `pinblk serve` will re-learn it)")?;
+            }
+            writeln!(f)?;
         }
         writeln!(
             f,
-            "scrub: {} blocks of 4 KiB ({} bytes) verified, {} mismatch(es), store generation {}, {}",
+            "scrub: {} blocks of 4 KiB ({} bytes) verified, {} mismatch(es), {} failing, store generation {}, {}",
             self.blocks,
             self.image_size,
             self.mismatches.len(),
+            self.failures(),
             self.generation,
             if self.store_clean {
-                "store closed cleanly"
+                "store closed cleanly".to_string()
             } else {
-                "store NOT closed cleanly (unclean shutdown): mismatches may be in-flight writes; serve the image once to recover them"
+                format!(
+                    "store NOT closed cleanly (unclean stop), {} write-intent region(s) marked: mismatches in them may be in-flight writes, which serving the image once re-learns; mismatches outside them are failures",
+                    self.marked_regions
+                )
             }
         )
     }
@@ -80,7 +105,9 @@ impl fmt::Display for ScrubReport {
 /// Verifies every 4 KiB block of the image at `image_path` against the store
 /// at `store_path`, offline (the store is opened read-only with a shared
 /// lock and never changed). The image size is the image file's length
-/// rounded down to 512-byte sectors and must equal the store's.
+/// rounded down to 512-byte sectors and must equal the store's. On a store
+/// not closed cleanly, mismatches inside marked write-intent regions are
+/// listed but do not fail the scrub ([`ScrubReport::ok`]).
 /// `progress(done_blocks, total_blocks)` is called every 1 MiB.
 ///
 /// # Errors
@@ -117,6 +144,8 @@ pub fn scrub(
                     sector: block * SECTORS_PER_BLOCK,
                     expected,
                     found,
+                    in_intent_region: outcome.unclean
+                        && store.region_marked(store.region_of(block * BLOCK_SIZE)),
                 });
             }
         },
@@ -125,6 +154,7 @@ pub fn scrub(
         image_size: store.image_size(),
         blocks: store.block_count(),
         store_clean: !outcome.unclean,
+        marked_regions: outcome.marked_regions,
         generation: outcome.generation,
         mismatches,
     })

@@ -1,237 +1,131 @@
-//! The checksum store: one CRC32C per 4 KiB block of the image, in memory and
-//! in a file beside the image.
+//! The checksum store: one CRC32C per 4 KiB block of the image and a
+//! write-intent bitmap of 1 MiB regions, in a file beside the image that is
+//! memory-mapped while the store is open.
 //!
-//! # File format (version 1, all integers little-endian)
+//! # File format (version 2, all integers little-endian)
 //!
 //! ```text
 //! offset  size  field
 //!      0     8  magic          b"PINBLKCS"
-//!      8     4  version        1
+//!      8     4  version        2
 //!     12     4  block_size     4096 (bytes per checksum block)
 //!     16     4  algorithm      1 = crc32c
 //!     20     4  state          0 = clean (closed by close()), 1 = in use
-//!     24     8  image_size     bytes of the image the table covers
-//!     32     8  block_count    ceil(image_size / 4096)
+//!     24     8  image_size     bytes of the image the store covers
+//!     32     8  block_count    N = ceil(image_size / 4096)
 //!     40     8  generation     +1 at every writable open
 //!     48     4  header_crc     CRC32C of bytes 0..4096 with this field zeroed
 //!     52     4  table_crc      CRC32C of the whole table; valid only when clean
-//!     56  4040  reserved       zero
-//!   4096  4*N   table          u32 CRC32C of block i at 4096 + 4*i
+//!     56     8  region_size    bytes per write-intent region (1 MiB; a power
+//!                              of two from 4096 to 1 GiB)
+//!     64     8  region_count   R = ceil(image_size / region_size)
+//!     72     8  bitmap_offset  4096
+//!     80     8  bitmap_len     ceil(R / 8) rounded up to a multiple of 4096 (≥ 4096)
+//!     88     8  table_offset   bitmap_offset + bitmap_len
+//!     96  4000  reserved       zero
+//!   4096     …  bitmap         bit r (bit r % 8 of byte r / 8) set: region r
+//!                              (bytes r * region_size ..) may have a write in
+//!                              flight or not yet flushed
+//! table_offset 4*N table       u32 CRC32C of block i at table_offset + 4*i
 //! ```
 //!
-//! The file is exactly `4096 + 4 * block_count` bytes. Cost: 4 bytes per 4 KiB
-//! of image (0.1 %), the same in memory, plus one dirty bit per block.
+//! The file is exactly `table_offset + 4 * N` bytes ([`StoreLayout`]).
+//! Cost per GiB of image: table 1 MiB (4 bytes per 4 KiB, 0.1 %), bitmap 128
+//! bytes (1024 regions; one 4 KiB bitmap page covers 32 GiB), plus the 4 KiB
+//! header and the bitmap's padding. In memory: the mapping (page cache, the
+//! same bytes) and 16 bytes per region (in-flight count, last completion
+//! generation): 16 KiB per GiB.
+//!
+//! A version 1 store (no bitmap, table at 4096) is migrated on a writable
+//! open: same table, a new file renamed into place; a clean one gets an empty
+//! bitmap, one left in use gets every region marked (version 1 recorded no
+//! write intent). A read-only open (scrub) refuses it
+//! ([`IntegrityError::NeedsMigration`]).
 //!
 //! # Durability
 //!
-//! [`ChecksumStore::record_write`] and friends update the in-memory table and
-//! mark the entries dirty; [`ChecksumStore::flush`] writes the dirty entries
-//! and fdatasyncs the store. The data path calls it when it serves a FLUSH,
-//! *after* the image's fdatasync, so after a FLUSH completes the data and the
-//! checksums on disk agree for every write completed before the FLUSH.
+//! Table and bitmap live in a `MAP_SHARED` mapping of the file: every
+//! [`ChecksumStore::set_expected`] / `record_*` and every bit set by
+//! [`ChecksumStore::intent_begin`] is in the page cache as soon as the call
+//! returns, so a **process crash** (`kill -9`, panic, abort) loses nothing.
+//! [`ChecksumStore::flush`] is an fdatasync of the store file (which writes
+//! back the pages dirtied through the mapping); the data path may submit that
+//! fdatasync itself on [`ChecksumStore::file`]. After a FLUSH (image
+//! fdatasync, then store fdatasync) data and checksums on disk agree for
+//! every write completed before it. The header is written with `pwrite` +
+//! fdatasync at open and at close only.
 //!
-//! # Unclean shutdown and recovery
+//! # Write intent
 //!
-//! A writable open sets `state = in use` (and fsyncs) before any write is
-//! served; [`ChecksumStore::close`] writes everything back and sets
-//! `state = clean` with a `table_crc`. Dropping a store without `close` leaves
-//! it in use, exactly like `kill -9`.
+//! The data path brackets every WRITE / DISCARD / WRITE_ZEROES:
+//! [`ChecksumStore::intent_begin`] before its checksums are recorded and
+//! before it is submitted (sets the bits of its regions, counts it in flight),
+//! [`ChecksumStore::intent_end`] after it completed and its checksums were
+//! recorded (in flight −1, the region's last completion generation = a new
+//! value of a global counter). A FLUSH takes a [`FlushTicket`]
+//! ([`ChecksumStore::flush_begin`]) when it is submitted, and after the
+//! fdatasync of the image and of the store completed,
+//! [`ChecksumStore::flush_end`] clears the bit of every region with nothing
+//! in flight and no completion after the ticket. So a bit is clear only when
+//! every write to its region is durable together with its checksums. No lock
+//! on this path: per region one atomic word (in-flight count, and a flag that
+//! holds off `intent_begin` for the few instructions `flush_end` needs to
+//! clear that region's bit), the bit set only if a relaxed load shows it
+//! clear.
 //!
-//! The next writable open of an in-use store does a **full scan**: it reads
-//! every block of the image, and each block whose CRC32C differs from the
-//! stored one gets the image's CRC32C and is returned as a
-//! [`RecoveredBlock`] (the caller reports it as `recovered`, not as a
-//! failure). This is correct whatever the crash: any block whose data and
-//! checksum disagree after the crash is, by construction, found and
-//! re-learned, whether its write was in flight, completed after the last
-//! FLUSH, or its checksum was flushed before its data landed. It needs
-//! nothing from the data path (no intent records on the write path, no
-//! ordering between store and image writes beyond FLUSH).
+//! # Unclean stop and recovery
 //!
-//! Cost: one sequential read of the whole image plus CRC32C at several GB/s
-//! (see the measured cost in the tests), only after an unclean shutdown;
-//! holes of a sparse image are skipped (`SEEK_DATA`) and count as zeros.
-//! A clean restart reads only the table. The price of the full scan is that a
-//! block corrupted behind pinblk's back *before* the crash (or a torn write
-//! not yet read back) is also re-learned and reported as `recovered` rather
-//! than as a `checksum_failure`; the recovered list names every such block.
-//! A write-intent bitmap (md-style, set before submission, cleared after a
-//! later FLUSH) would narrow the scan to suspect regions at the cost of a
-//! synchronous store write on the first write to a region per FLUSH interval;
-//! it is not needed for correctness.
+//! A writable open sets `state = in use` (and fdatasyncs) before any write
+//! is served; [`ChecksumStore::close`] clears the bitmap and sets
+//! `state = clean` with a `table_crc`. Dropping a store without `close`
+//! leaves it in use, exactly like `kill -9`.
+//!
+//! The next writable open of an in-use store scans the whole image
+//! (`SEEK_DATA` skips holes, which count as zeros) and compares every block:
+//!
+//! - a mismatching block inside a **marked** region may have been in flight:
+//!   the image's checksum is adopted, and the region is returned once, with
+//!   the blocks re-learned, as a [`RecoveredRegion`] (reported `recovered`);
+//! - a mismatching block **outside** every marked region had no write in
+//!   flight: its stored checksum is kept and it is returned as a cold
+//!   [`Mismatch`] in [`OpenOutcome::cold_mismatches`] (reported as a
+//!   `checksum_failure`); later READs of it fail verification and scrub fails.
+//!
+//! Then the image and the store are fdatasynced, the bitmap cleared and the
+//! header marked in use again. After `kill -9`, `recovered` covers at most the
+//! regions written since the last completed FLUSH; the blocks re-learned are
+//! at most those of the writes in flight (a completed write's data and
+//! checksum are both in the page cache).
+//!
+//! Limit: bits and entries reach the disk at fdatasync. After a power loss
+//! or kernel crash, a write submitted since the last FLUSH whose data
+//! reached the disk while its region's bit did not is reported as a cold
+//! mismatch (a false `checksum_failure`). md avoids this by writing the
+//! bitmap synchronously before the first write to a region; here that would
+//! put an fdatasync on the write path.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use super::error::IntegrityError;
+use super::format::{
+    create_store, migrate_v1, open_locked, Header, StoreLayout, STATE_CLEAN, STATE_IN_USE,
+};
+use super::mapping::Mapping;
 use super::{crc32c, crc32c_append, crc_of_zeros, BLOCK_SIZE, SECTORS_PER_BLOCK, SECTOR_SIZE};
 
-/// Magic bytes at offset 0 of a checksum store.
-pub const STORE_MAGIC: [u8; 8] = *b"PINBLKCS";
-/// The store format version this code reads and writes.
-pub const STORE_VERSION: u32 = 1;
-/// Algorithm id of CRC32C in the store header.
-pub const ALGORITHM_CRC32C: u32 = 1;
-/// Size of the store header in bytes; the table starts at this offset.
-pub const HEADER_SIZE: u64 = 4096;
+pub(super) use super::format::scan_image;
 
-const STATE_CLEAN: u32 = 0;
-const STATE_IN_USE: u32 = 1;
-const REMEDY: &str = "remove the store to rebuild it from the image, or pass --checksum off";
-/// Bytes read from the image per scan step (256 blocks).
-const SCAN_CHUNK: u64 = 1 << 20;
 /// Lock stripes serializing read-modify-checksum of partial blocks.
 const STRIPES: usize = 64;
-
-/// Errors of the checksum store, the scrubber and the report reader. Every
-/// refusal of an existing store names the field that mismatched and what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum IntegrityError {
-    /// An I/O error, with what was being done and on which file.
-    #[error("{what} {path}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file (store, image or report).
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// A read-only open (e.g. scrub) found no store.
-    #[error("checksum store {0} does not exist; serve the image once with --checksum crc32c to create it")]
-    StoreMissing(PathBuf),
-    /// The file does not start with [`STORE_MAGIC`].
-    #[error(
-        "{path} is not a pinblk checksum store (magic {found:?}, expected \"PINBLKCS\"); {REMEDY}"
-    )]
-    NotAStore {
-        /// Store path.
-        path: PathBuf,
-        /// The first 8 bytes found, lossily as text.
-        found: String,
-    },
-    /// The header's version is not [`STORE_VERSION`].
-    #[error("checksum store {path} has format version {found}, this pinblk reads version {supported}; {REMEDY}")]
-    UnsupportedVersion {
-        /// Store path.
-        path: PathBuf,
-        /// Version in the header.
-        found: u32,
-        /// Version this code supports.
-        supported: u32,
-    },
-    /// The header's own CRC32C does not match: the header is corrupt.
-    #[error("checksum store {path} has a corrupt header (header csum {stored:#010x}, computed {computed:#010x}); {REMEDY}")]
-    HeaderCorrupt {
-        /// Store path.
-        path: PathBuf,
-        /// CRC stored in the header.
-        stored: u32,
-        /// CRC computed over the header.
-        computed: u32,
-    },
-    /// The header's block size is not 4096 bytes.
-    #[error("checksum store {path} has block size {found} bytes, pinblk uses 4096; {REMEDY}")]
-    BlockSizeMismatch {
-        /// Store path.
-        path: PathBuf,
-        /// Block size in the header, bytes.
-        found: u32,
-    },
-    /// The header names an algorithm other than CRC32C.
-    #[error(
-        "checksum store {path} uses algorithm id {found}, pinblk uses crc32c (id 1); {REMEDY}"
-    )]
-    AlgorithmMismatch {
-        /// Store path.
-        path: PathBuf,
-        /// Algorithm id in the header.
-        found: u32,
-    },
-    /// The header's block count does not follow from its image size.
-    #[error("checksum store {path} header says {block_count} blocks for an image of {image_size} bytes (expected {expected}); the header is corrupt; {REMEDY}")]
-    BlockCountMismatch {
-        /// Store path.
-        path: PathBuf,
-        /// Block count in the header.
-        block_count: u64,
-        /// Image size in the header, bytes.
-        image_size: u64,
-        /// ceil(image_size / 4096).
-        expected: u64,
-    },
-    /// The store covers an image of another size (the image was resized or
-    /// the store belongs to another image).
-    #[error("checksum store {path} covers an image of {store_size} bytes, but the image is {image_size} bytes (resized, or another image's store?); {REMEDY}")]
-    ImageSizeMismatch {
-        /// Store path.
-        path: PathBuf,
-        /// Image size in the store header, bytes.
-        store_size: u64,
-        /// Image size now, bytes.
-        image_size: u64,
-    },
-    /// The store file is not `4096 + 4 * block_count` bytes long.
-    #[error("checksum store {path} is {actual} bytes, expected {expected} for its header (truncated or extended); {REMEDY}")]
-    LengthMismatch {
-        /// Store path.
-        path: PathBuf,
-        /// Expected file length, bytes.
-        expected: u64,
-        /// Actual file length, bytes.
-        actual: u64,
-    },
-    /// A cleanly closed store whose table does not match its `table_crc`.
-    #[error("checksum store {path} has a corrupt checksum table (table csum {stored:#010x}, computed {computed:#010x}); {REMEDY}")]
-    TableCorrupt {
-        /// Store path.
-        path: PathBuf,
-        /// CRC stored in the header.
-        stored: u32,
-        /// CRC computed over the table.
-        computed: u32,
-    },
-    /// Another process holds the store's advisory lock.
-    #[error("checksum store {0} is in use by another process (advisory lock held); stop it first")]
-    InUse(PathBuf),
-    /// A record_* call on a store opened read-only.
-    #[error("checksum store {0} is open read-only")]
-    ReadOnly(PathBuf),
-    /// A byte range beyond the image.
-    #[error("range {offset}+{len} bytes is beyond the image ({image_size} bytes)")]
-    OutOfRange {
-        /// Start, bytes.
-        offset: u64,
-        /// Length, bytes.
-        len: u64,
-        /// Image size, bytes.
-        image_size: u64,
-    },
-    /// A range that covers only part of a 4 KiB block was given to a call that
-    /// needs whole blocks; use the `_with` variant that reads the rest.
-    #[error("range {offset}+{len} bytes covers part of a 4 KiB block; use record_write_with/record_zero_with to read the rest of the block")]
-    PartialBlock {
-        /// Start, bytes.
-        offset: u64,
-        /// Length, bytes.
-        len: u64,
-    },
-}
-
-impl IntegrityError {
-    fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> IntegrityError + 'a {
-        move |source| IntegrityError::Io {
-            what,
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-}
+/// Bit of [`RegionState::state`] set while `flush_end` clears the region's
+/// bit; the low 31 bits count the writes in flight.
+const CLEARING: u32 = 1 << 31;
+const IN_FLIGHT: u32 = CLEARING - 1;
 
 /// The default store path for an image: `IMAGE.pinsum` (the image's file
 /// name with `.pinsum` appended, in the same directory).
@@ -249,8 +143,9 @@ pub struct StoreOptions {
     /// Image size in bytes the store must cover (the device capacity).
     /// `None` means the image file's length rounded down to 512-byte sectors.
     pub image_size: Option<u64>,
-    /// Open read-only (shared lock, never writes: no creation, no recovery,
-    /// the `state` flag is left as found). Used by scrub.
+    /// Open read-only (shared lock, never writes: no creation, no migration,
+    /// no recovery, the `state` flag and the bitmap are left as found). Used
+    /// by scrub.
     pub read_only: bool,
 }
 
@@ -259,33 +154,41 @@ pub struct StoreOptions {
 pub struct OpenOutcome {
     /// The store did not exist and was created from the image's content.
     pub created: bool,
+    /// The store was in this older format version and has been migrated to
+    /// [`super::STORE_VERSION`] (writable open only).
+    pub migrated_from: Option<u32>,
     /// The store was found in use: the previous user did not close it
     /// (crash, `kill -9`). On a writable open it has been recovered.
     pub unclean: bool,
-    /// Blocks whose stored checksum disagreed with the image after an
-    /// unclean shutdown and were re-checksummed from the image. Report these
-    /// as `recovered`. Empty on a clean open and on a read-only open.
-    pub recovered: Vec<RecoveredBlock>,
+    /// Write-intent regions marked when the store was opened (0 after a
+    /// clean close).
+    pub marked_regions: u64,
+    /// Marked regions in which blocks disagreed with the image after an
+    /// unclean stop and were re-checksummed from the image, in region order.
+    /// Report each as one `recovered`. Empty on a clean or read-only open.
+    pub recovered: Vec<RecoveredRegion>,
+    /// Blocks outside every marked region that disagreed with the image
+    /// after an unclean stop, in block order. No write was in flight there:
+    /// the stored checksum is kept (so READs and scrub keep failing) and each
+    /// is a `checksum_failure`. Empty on a clean or read-only open.
+    pub cold_mismatches: Vec<Mismatch>,
     /// Generation of the store after this open (+1 per writable open).
     pub generation: u64,
 }
 
-/// A block re-checksummed from the image at open after an unclean shutdown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecoveredBlock {
-    /// Block index (4 KiB units).
-    pub block: u64,
-    /// Checksum the store held (and that the data no longer matched).
-    pub stored: u32,
-    /// Checksum of the block as it is in the image, now stored.
-    pub found: u32,
-}
-
-impl RecoveredBlock {
-    /// First sector (512-byte units) of the block: `block * 8`.
-    pub fn sector(&self) -> u64 {
-        self.block * SECTORS_PER_BLOCK
-    }
+/// A marked write-intent region whose blocks that disagreed with the image
+/// were re-checksummed from it at open after an unclean stop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveredRegion {
+    /// Region index (units of the store's region size, 1 MiB).
+    pub region: u64,
+    /// First sector of the region (512-byte units).
+    pub first_sector: u64,
+    /// Length of the region in bytes (the region size; less for the image's
+    /// last region).
+    pub len_bytes: u64,
+    /// The blocks re-learned (4 KiB units), ascending, at least one.
+    pub blocks: Vec<u64>,
 }
 
 /// A block whose data does not match its stored checksum.
@@ -306,121 +209,30 @@ impl Mismatch {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Header {
-    version: u32,
-    block_size: u32,
-    algorithm: u32,
-    state: u32,
-    image_size: u64,
-    block_count: u64,
+/// The global completion generation at the submission of a FLUSH
+/// ([`ChecksumStore::flush_begin`]); give it back to
+/// [`ChecksumStore::flush_end`] once the FLUSH's fdatasyncs completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FlushTicket {
     generation: u64,
-    table_crc: u32,
 }
 
-impl Header {
-    fn new(image_size: u64) -> Header {
-        Header {
-            version: STORE_VERSION,
-            block_size: BLOCK_SIZE as u32,
-            algorithm: ALGORITHM_CRC32C,
-            state: STATE_CLEAN,
-            image_size,
-            block_count: image_size.div_ceil(BLOCK_SIZE),
-            generation: 0,
-            table_crc: 0,
-        }
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut b = vec![0u8; HEADER_SIZE as usize];
-        b[0..8].copy_from_slice(&STORE_MAGIC);
-        b[8..12].copy_from_slice(&self.version.to_le_bytes());
-        b[12..16].copy_from_slice(&self.block_size.to_le_bytes());
-        b[16..20].copy_from_slice(&self.algorithm.to_le_bytes());
-        b[20..24].copy_from_slice(&self.state.to_le_bytes());
-        b[24..32].copy_from_slice(&self.image_size.to_le_bytes());
-        b[32..40].copy_from_slice(&self.block_count.to_le_bytes());
-        b[40..48].copy_from_slice(&self.generation.to_le_bytes());
-        b[52..56].copy_from_slice(&self.table_crc.to_le_bytes());
-        let crc = crc32c(&b);
-        b[48..52].copy_from_slice(&crc.to_le_bytes());
-        b
-    }
-
-    /// Decodes and validates everything that does not depend on the image.
-    fn decode(b: &[u8], path: &Path) -> Result<Header, IntegrityError> {
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-        let path = || path.to_path_buf();
-        if b.len() < 8 || b[0..8] != STORE_MAGIC {
-            let n = b.len().min(8);
-            return Err(IntegrityError::NotAStore {
-                path: path(),
-                found: String::from_utf8_lossy(&b[..n]).into_owned(),
-            });
-        }
-        if b.len() < HEADER_SIZE as usize {
-            return Err(IntegrityError::LengthMismatch {
-                path: path(),
-                expected: HEADER_SIZE,
-                actual: b.len() as u64,
-            });
-        }
-        let version = u32_at(8);
-        if version != STORE_VERSION {
-            return Err(IntegrityError::UnsupportedVersion {
-                path: path(),
-                found: version,
-                supported: STORE_VERSION,
-            });
-        }
-        let stored = u32_at(48);
-        let mut copy = b[..HEADER_SIZE as usize].to_vec();
-        copy[48..52].fill(0);
-        let computed = crc32c(&copy);
-        if stored != computed {
-            return Err(IntegrityError::HeaderCorrupt {
-                path: path(),
-                stored,
-                computed,
-            });
-        }
-        let h = Header {
-            version,
-            block_size: u32_at(12),
-            algorithm: u32_at(16),
-            state: u32_at(20),
-            image_size: u64_at(24),
-            block_count: u64_at(32),
-            generation: u64_at(40),
-            table_crc: u32_at(52),
-        };
-        if u64::from(h.block_size) != BLOCK_SIZE {
-            return Err(IntegrityError::BlockSizeMismatch {
-                path: path(),
-                found: h.block_size,
-            });
-        }
-        if h.algorithm != ALGORITHM_CRC32C {
-            return Err(IntegrityError::AlgorithmMismatch {
-                path: path(),
-                found: h.algorithm,
-            });
-        }
-        let expected = h.image_size.div_ceil(BLOCK_SIZE);
-        if h.block_count != expected {
-            return Err(IntegrityError::BlockCountMismatch {
-                path: path(),
-                block_count: h.block_count,
-                image_size: h.image_size,
-                expected,
-            });
-        }
-        Ok(h)
+impl FlushTicket {
+    /// The completion generation it holds: completions numbered up to this
+    /// one happened before the FLUSH was submitted.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 }
 
+/// In-memory write-intent state of one region (not persisted).
+#[derive(Debug, Default)]
+struct RegionState {
+    /// Writes in flight (low 31 bits) and [`CLEARING`].
+    state: AtomicU32,
+    /// Completion generation of the last write to end here (0: none).
+    last_gen: AtomicU64,
+}
 /// Scatter-list cursor over the data of one request.
 struct Gather<'a> {
     slices: &'a [&'a [u8]],
@@ -493,21 +305,24 @@ impl Source<'_> {
 /// `buf.len()` = [`ChecksumStore::block_len`] (4096 except a short last block).
 type ReadBlock<'r> = &'r mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>;
 
-/// CRC32C per 4 KiB block of an image, in memory (lock-free per entry) and in
-/// a store file. `Send + Sync`: several queues update different blocks
-/// concurrently through `&self`. See the module docs for the file format,
-/// durability and recovery.
+/// CRC32C per 4 KiB block of an image and the write-intent bitmap, in a
+/// memory-mapped store file (lock-free per entry). `Send + Sync`: several
+/// queues update different blocks concurrently through `&self`. See the
+/// module docs for the file format, durability, write intent and recovery.
 #[derive(Debug)]
 pub struct ChecksumStore {
     file: File,
     path: PathBuf,
-    image_size: u64,
-    block_count: u64,
+    layout: StoreLayout,
+    /// `log2(region_size)`.
+    region_shift: u32,
     read_only: bool,
-    table: Vec<AtomicU32>,
-    /// One bit per block: entry changed since it was last written to the file.
-    dirty: Vec<AtomicU64>,
-    /// The header as on disk; its lock also serializes flush and close.
+    /// The whole file; table and bitmap are accessed through it.
+    map: Mapping,
+    regions: Vec<RegionState>,
+    /// Global completion generation: +1 at every `intent_end`.
+    completions: AtomicU64,
+    /// The header as on disk; its lock serializes header writes.
     header: Mutex<Header>,
     stripes: Vec<Mutex<()>>,
 }
@@ -553,14 +368,19 @@ impl ChecksumStore {
     ///   zeros), written to `STORE.tmp`, fsynced and renamed into place, so a
     ///   pre-existing image starts consistent.
     /// - Existing store: the header is validated (magic, version, block size,
-    ///   algorithm, header CRC, image size, file length; a clean store's
-    ///   table CRC). Any mismatch is refused, never silently rebuilt.
-    /// - Store left in use (unclean shutdown): on a writable open, full scan
-    ///   of the image; mismatching blocks are re-checksummed and returned in
-    ///   [`OpenOutcome::recovered`]. On a read-only open, nothing is changed
-    ///   and only [`OpenOutcome::unclean`] is set.
-    /// - A writable open then marks the store in use, bumps the generation
-    ///   and fsyncs, and holds an exclusive `flock` (shared when read-only).
+    ///   algorithm, header CRC, block count, region size and layout, image
+    ///   size, file length; a clean store's table CRC). Any mismatch is
+    ///   refused, never silently rebuilt. A version 1 store is migrated
+    ///   (writable open) or refused (read-only).
+    /// - Store left in use (unclean stop): on a writable open, the image is
+    ///   scanned; mismatching blocks in marked regions are re-checksummed and
+    ///   returned in [`OpenOutcome::recovered`], the others are kept and
+    ///   returned in [`OpenOutcome::cold_mismatches`] (module docs). On a
+    ///   read-only open, nothing is changed and only
+    ///   [`OpenOutcome::unclean`] and [`OpenOutcome::marked_regions`] are set.
+    /// - A writable open then clears the bitmap, marks the store in use,
+    ///   bumps the generation and fdatasyncs; it holds an exclusive `flock`
+    ///   (shared when read-only) and the file's mapping until closed or dropped.
     ///
     /// `progress(done_blocks, total_blocks)` is called while the image is
     /// scanned (creation or recovery), in 4 KiB blocks.
@@ -568,9 +388,10 @@ impl ChecksumStore {
     /// # Errors
     /// [`IntegrityError::StoreMissing`] (read-only, no store),
     /// [`IntegrityError::InUse`], [`IntegrityError::NotAStore`],
-    /// [`IntegrityError::UnsupportedVersion`], [`IntegrityError::HeaderCorrupt`],
-    /// [`IntegrityError::BlockSizeMismatch`], [`IntegrityError::AlgorithmMismatch`],
-    /// [`IntegrityError::BlockCountMismatch`], [`IntegrityError::ImageSizeMismatch`],
+    /// [`IntegrityError::UnsupportedVersion`], [`IntegrityError::NeedsMigration`],
+    /// [`IntegrityError::HeaderCorrupt`], [`IntegrityError::BlockSizeMismatch`],
+    /// [`IntegrityError::AlgorithmMismatch`], [`IntegrityError::BlockCountMismatch`],
+    /// [`IntegrityError::LayoutMismatch`], [`IntegrityError::ImageSizeMismatch`],
     /// [`IntegrityError::LengthMismatch`], [`IntegrityError::TableCorrupt`],
     /// [`IntegrityError::Io`].
     pub fn open_with_progress(
@@ -603,139 +424,156 @@ impl ChecksumStore {
             outcome.created = true;
         }
 
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(&path)
-            .map_err(IntegrityError::io("open checksum store", &path))?;
-        let op = if opts.read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a valid, owned fd; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(IntegrityError::InUse(path));
-            }
-            return Err(IntegrityError::Io {
-                what: "lock checksum store",
-                path,
-                source: err,
-            });
-        }
-
-        let actual = file
-            .metadata()
-            .map_err(IntegrityError::io("stat checksum store", &path))?
-            .len();
-        let mut hbuf = vec![0u8; (HEADER_SIZE.min(actual)) as usize];
-        file.read_exact_at(&mut hbuf, 0)
-            .map_err(IntegrityError::io("read checksum store header", &path))?;
-        let mut header = Header::decode(&hbuf, &path)?;
-        if header.image_size != image_size {
+        let mut file = open_locked(&path, opts.read_only)?;
+        let (mut header, mut actual) = read_header(&file, &path)?;
+        if header.layout.image_size != image_size {
             return Err(IntegrityError::ImageSizeMismatch {
                 path,
-                store_size: header.image_size,
+                store_size: header.layout.image_size,
                 image_size,
             });
         }
-        let expected_len = HEADER_SIZE + 4 * header.block_count;
-        if actual != expected_len {
+        if header.version != super::STORE_VERSION {
+            if opts.read_only {
+                return Err(IntegrityError::NeedsMigration {
+                    path,
+                    found: header.version,
+                    supported: super::STORE_VERSION,
+                });
+            }
+            file = migrate_v1(&path, &file, &header, actual)?;
+            outcome.migrated_from = Some(header.version);
+            (header, actual) = read_header(&file, &path)?;
+        }
+        let layout = header.layout;
+        if actual != layout.file_len {
             return Err(IntegrityError::LengthMismatch {
                 path,
-                expected: expected_len,
+                expected: layout.file_len,
                 actual,
             });
         }
-
-        let mut raw = vec![0u8; 4 * header.block_count as usize];
-        file.read_exact_at(&mut raw, HEADER_SIZE)
-            .map_err(IntegrityError::io("read checksum table", &path))?;
+        let map = Mapping::new(&file, layout.file_len, !opts.read_only)
+            .map_err(IntegrityError::io("map checksum store", &path))?;
+        let store = ChecksumStore {
+            file,
+            path,
+            layout,
+            region_shift: layout.region_size.trailing_zeros(),
+            read_only: opts.read_only,
+            map,
+            regions: (0..layout.region_count)
+                .map(|_| RegionState::default())
+                .collect(),
+            completions: AtomicU64::new(0),
+            header: Mutex::new(header),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        };
         if header.state == STATE_CLEAN {
-            let computed = crc32c(&raw);
+            let computed = store.table_crc();
             if computed != header.table_crc {
                 return Err(IntegrityError::TableCorrupt {
-                    path,
+                    path: store.path,
                     stored: header.table_crc,
                     computed,
                 });
             }
         } else {
             outcome.unclean = true;
+            outcome.marked_regions = store.marked_regions();
         }
-        let table: Vec<AtomicU32> = raw
-            .chunks_exact(4)
-            .map(|c| AtomicU32::new(u32::from_le_bytes(c.try_into().unwrap())))
-            .collect();
-        drop(raw);
-
-        let block_count = header.block_count;
-        let store = ChecksumStore {
-            file,
-            path,
-            image_size,
-            block_count,
-            read_only: opts.read_only,
-            table,
-            dirty: (0..block_count.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            header: Mutex::new(header),
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-        };
 
         if opts.read_only {
             outcome.generation = header.generation;
             return Ok((store, outcome));
         }
-
         if outcome.unclean {
-            log::warn!(
-                "checksum store {}: not closed cleanly (generation {}); re-checksumming the image {} to recover blocks that were in flight",
-                store.path.display(),
-                header.generation,
-                image_path.display()
-            );
-            scan_image(&image, image_path, image_size, progress, |block, crc| {
-                let stored = store.table[block as usize].load(Ordering::Relaxed);
-                if stored != crc {
-                    store.set(block, crc);
-                    outcome.recovered.push(RecoveredBlock {
-                        block,
-                        stored,
-                        found: crc,
-                    });
-                }
-            })?;
-            log::warn!(
-                "checksum store {}: recovered {} block(s) after the unclean shutdown",
-                store.path.display(),
-                outcome.recovered.len()
-            );
+            store.recover(&image, image_path, progress, &mut outcome)?;
         }
-
-        header.state = STATE_IN_USE;
-        header.generation += 1;
-        header.table_crc = 0;
-        {
-            let mut h = store.header.lock().unwrap_or_else(|e| e.into_inner());
-            store
-                .write_dirty()
-                .map_err(IntegrityError::io("write checksum table", &store.path))?;
-            store
-                .file
-                .write_all_at(&header.encode(), 0)
-                .and_then(|_| store.file.sync_data())
-                .map_err(IntegrityError::io(
-                    "mark checksum store in use",
-                    &store.path,
-                ))?;
-            *h = header;
-        }
-        outcome.generation = header.generation;
+        store.clear_bitmap();
+        let mut h = store.header.lock().unwrap_or_else(|e| e.into_inner());
+        h.state = STATE_IN_USE;
+        h.generation += 1;
+        h.table_crc = 0;
+        store
+            .file
+            .write_all_at(&h.encode(), 0)
+            .and_then(|_| store.file.sync_data())
+            .map_err(IntegrityError::io(
+                "mark checksum store in use",
+                &store.path,
+            ))?;
+        outcome.generation = h.generation;
+        drop(h);
         Ok((store, outcome))
+    }
+
+    /// Recovery after an unclean stop (module docs): scans the image, adopts
+    /// mismatches inside marked regions, keeps the others as cold
+    /// mismatches, then makes image and store durable. The bitmap is left as
+    /// found (the caller clears it).
+    fn recover(
+        &self,
+        image: &File,
+        image_path: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+        outcome: &mut OpenOutcome,
+    ) -> Result<(), IntegrityError> {
+        log::warn!(
+            "checksum store {}: not closed cleanly (generation {}); {} write-intent region(s) marked; checking the image {}",
+            self.path.display(),
+            self.generation(),
+            outcome.marked_regions,
+            image_path.display()
+        );
+        let (recovered, cold) = (&mut outcome.recovered, &mut outcome.cold_mismatches);
+        scan_image(
+            image,
+            image_path,
+            self.layout.image_size,
+            progress,
+            |block, found| {
+                let expected = self.entry(block);
+                if expected == found {
+                    return;
+                }
+                let region = (block * BLOCK_SIZE) >> self.region_shift;
+                if !self.region_marked(region) {
+                    cold.push(Mismatch {
+                        block,
+                        expected,
+                        found,
+                    });
+                    return;
+                }
+                self.set(block, found);
+                match recovered.last_mut() {
+                    Some(r) if r.region == region => r.blocks.push(block),
+                    _ => recovered.push(RecoveredRegion {
+                        region,
+                        first_sector: (region << self.region_shift) / SECTOR_SIZE,
+                        len_bytes: self.region_len(region),
+                        blocks: vec![block],
+                    }),
+                }
+            },
+        )?;
+        // What was adopted is durable before the bits that allowed it go.
+        image.sync_data().map_err(IntegrityError::io(
+            "fdatasync image after recovery",
+            image_path,
+        ))?;
+        self.file
+            .sync_data()
+            .map_err(IntegrityError::io("write checksum table", &self.path))?;
+        log::warn!(
+            "checksum store {}: {} region(s) recovered ({} block(s) re-learned), {} block(s) mismatching outside every write-intent region",
+            self.path.display(),
+            outcome.recovered.len(),
+            outcome.recovered.iter().map(|r| r.blocks.len()).sum::<usize>(),
+            outcome.cold_mismatches.len()
+        );
+        Ok(())
     }
 
     /// Path of the store file.
@@ -743,14 +581,69 @@ impl ChecksumStore {
         &self.path
     }
 
+    /// The store file (e.g. to submit its fdatasync at FLUSH). Valid while
+    /// the store lives. Never truncate it or write it other than through the
+    /// store: its table and bitmap are mapped.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Image size covered, in bytes.
     pub fn image_size(&self) -> u64 {
-        self.image_size
+        self.layout.image_size
     }
 
     /// Number of 4 KiB blocks: `ceil(image_size / 4096)`.
     pub fn block_count(&self) -> u64 {
-        self.block_count
+        self.layout.block_count
+    }
+
+    /// Where header, bitmap and table are in the file, and the region size.
+    pub fn layout(&self) -> StoreLayout {
+        self.layout
+    }
+
+    /// Bytes per write-intent region ([`super::REGION_SIZE`] for stores this
+    /// version creates).
+    pub fn region_size(&self) -> u64 {
+        self.layout.region_size
+    }
+
+    /// Number of write-intent regions: `ceil(image_size / region_size)`.
+    pub fn region_count(&self) -> u64 {
+        self.layout.region_count
+    }
+
+    /// The region holding byte `offset` of the image.
+    pub fn region_of(&self, offset: u64) -> u64 {
+        offset >> self.region_shift
+    }
+
+    /// True when region `region`'s bit is set in the bitmap (false beyond
+    /// the image).
+    pub fn region_marked(&self, region: u64) -> bool {
+        if region >= self.layout.region_count {
+            return false;
+        }
+        let (w, m) = bit(region);
+        self.bitmap()[w].load(Ordering::Acquire) & m != 0
+    }
+
+    /// Number of regions whose bit is set.
+    pub fn marked_regions(&self) -> u64 {
+        self.bitmap()
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Writes in flight in region `region` (between `intent_begin` and
+    /// `intent_end`), 0 beyond the image.
+    pub fn in_flight(&self, region: u64) -> u32 {
+        usize::try_from(region)
+            .ok()
+            .and_then(|r| self.regions.get(r))
+            .map_or(0, |r| r.state.load(Ordering::Acquire) & IN_FLIGHT)
     }
 
     /// Store generation (incremented at every writable open).
@@ -765,14 +658,286 @@ impl ChecksumStore {
     /// an image whose size is not a multiple of 4096; 0 beyond the image.
     pub fn block_len(&self, block: u64) -> usize {
         let start = block.saturating_mul(BLOCK_SIZE);
-        (self.image_size.saturating_sub(start)).min(BLOCK_SIZE) as usize
+        (self.layout.image_size.saturating_sub(start)).min(BLOCK_SIZE) as usize
     }
 
     /// The stored CRC32C of block `block` (4 KiB units), or `None` beyond the image.
     pub fn expected(&self, block: u64) -> Option<u32> {
-        self.table
-            .get(usize::try_from(block).ok()?)
-            .map(|e| e.load(Ordering::Acquire))
+        (block < self.layout.block_count).then(|| self.entry(block))
+    }
+
+    /// Before a WRITE / DISCARD / WRITE_ZEROES of image bytes
+    /// `offset..offset+len` is submitted, and before its checksums are
+    /// recorded: sets the bits of its regions in the mapped bitmap (in the
+    /// page cache when this returns, so it survives a process crash) and
+    /// counts it in flight in each. Pair every successful call with one
+    /// [`ChecksumStore::intent_end`] of the same range. Lock-free; a bit
+    /// already set is only read.
+    ///
+    /// # Errors
+    /// [`IntegrityError::OutOfRange`], [`IntegrityError::ReadOnly`] (nothing
+    /// is counted then).
+    pub fn intent_begin(&self, offset: u64, len: u64) -> Result<(), IntegrityError> {
+        self.writable()?;
+        self.check_range(offset, len)?;
+        for r in self.regions_of(offset, len) {
+            self.begin_region(r);
+        }
+        Ok(())
+    }
+
+    /// After the request of a successful [`ChecksumStore::intent_begin`]
+    /// completed (successfully or not) and its checksums were recorded: one
+    /// write fewer in flight in each of its regions, and each region's last
+    /// completion generation becomes a new value of the global counter (so a
+    /// FLUSH submitted before now does not clear the region). A range beyond
+    /// the image, or a call on a read-only store, is ignored (logged).
+    pub fn intent_end(&self, offset: u64, len: u64) {
+        if self.read_only || self.check_range(offset, len).is_err() {
+            log::error!(
+                "checksum store {}: intent_end({offset}, {len}) without a matching intent_begin",
+                self.path.display()
+            );
+            return;
+        }
+        let regions = self.regions_of(offset, len);
+        if regions.is_empty() {
+            return;
+        }
+        let generation = self.completions.fetch_add(1, Ordering::AcqRel) + 1;
+        for r in regions {
+            self.end_region(r, generation);
+        }
+    }
+
+    /// When a FLUSH is submitted: a ticket holding the global completion
+    /// generation now. Every write whose `intent_end` came before this call
+    /// completed before the FLUSH was submitted, so the FLUSH makes it durable.
+    pub fn flush_begin(&self) -> FlushTicket {
+        FlushTicket {
+            generation: self.completions.load(Ordering::Acquire),
+        }
+    }
+
+    /// After the FLUSH of ticket `t` completed its fdatasync of the image and
+    /// then of the store file: clears the bit of every marked region with
+    /// nothing in flight whose last completion is not newer than the ticket.
+    /// A region with a write in flight, or one whose write completed after
+    /// the FLUSH was submitted (it may not be durable), stays marked. Visits
+    /// only the set bits (the bitmap is 128 bytes per GiB of image). No-op on
+    /// a read-only store.
+    pub fn flush_end(&self, t: FlushTicket) {
+        if self.read_only {
+            return;
+        }
+        for (w, word) in self.bitmap().iter().enumerate() {
+            let mut bits = u64::from_le(word.load(Ordering::Relaxed));
+            while bits != 0 {
+                let r = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                if r < self.layout.region_count {
+                    self.try_clear(r, t.generation);
+                }
+            }
+        }
+    }
+
+    /// fdatasyncs the store file: every entry and bit changed so far (in the
+    /// page cache through the mapping) reaches the disk. Call it when serving
+    /// a FLUSH, after the image's fdatasync (or submit the same fdatasync on
+    /// [`ChecksumStore::file`]); then data and checksums on disk agree for
+    /// every write completed before the FLUSH. Concurrent record_* calls are
+    /// fine.
+    ///
+    /// # Errors
+    /// The `io::Error` of fdatasync (retry is safe). On a read-only store:
+    /// `PermissionDenied`.
+    pub fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "checksum store is read-only",
+            ));
+        }
+        self.file.sync_data()
+    }
+
+    /// Closes the store cleanly: clears the bitmap, computes the table CRC,
+    /// fdatasyncs, writes `state = clean` and fdatasyncs. Call it at shutdown
+    /// after the image's last fdatasync and with no write in flight. The next
+    /// open then skips recovery. A read-only store is just closed.
+    ///
+    /// # Errors
+    /// [`IntegrityError::InFlightAtClose`] if a region still counts a write
+    /// in flight (an `intent_begin` without its `intent_end`), or
+    /// [`IntegrityError::Io`]; the store then stays marked in use (with its
+    /// bits) and the next open recovers.
+    pub fn close(self) -> Result<(), IntegrityError> {
+        if self.read_only {
+            return Ok(());
+        }
+        let busy = (0..self.layout.region_count)
+            .filter(|&r| self.in_flight(r) > 0)
+            .count() as u64;
+        if busy > 0 {
+            return Err(IntegrityError::InFlightAtClose {
+                path: self.path.clone(),
+                regions: busy,
+            });
+        }
+        let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+        self.clear_bitmap();
+        let mut clean = *h;
+        clean.state = STATE_CLEAN;
+        clean.table_crc = self.table_crc();
+        // Table and cleared bitmap are durable before the header says clean.
+        self.file
+            .sync_data()
+            .and_then(|_| self.file.write_all_at(&clean.encode(), 0))
+            .and_then(|_| self.file.sync_data())
+            .map_err(IntegrityError::io("close checksum store", &self.path))?;
+        *h = clean;
+        Ok(())
+    }
+
+    /// The table: one little-endian CRC32C per block.
+    fn table(&self) -> &[AtomicU32] {
+        self.map.u32s(
+            self.layout.table_offset as usize,
+            self.layout.block_count as usize,
+        )
+    }
+
+    /// The bitmap, as little-endian 64-bit words (region r: bit r % 64 of word r / 64).
+    fn bitmap(&self) -> &[AtomicU64] {
+        self.map.u64s(
+            self.layout.bitmap_offset as usize,
+            (self.layout.bitmap_len / 8) as usize,
+        )
+    }
+
+    /// The stored checksum of `block` (< block_count).
+    fn entry(&self, block: u64) -> u32 {
+        u32::from_le(self.table()[block as usize].load(Ordering::Acquire))
+    }
+
+    /// Stores the checksum of `block` (in the page cache at once).
+    fn set(&self, block: u64, crc: u32) {
+        self.table()[block as usize].store(crc.to_le(), Ordering::Release);
+    }
+
+    /// CRC32C of the table's bytes as in the file.
+    fn table_crc(&self) -> u32 {
+        let mut crc = 0;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        for chunk in self.table().chunks(16 * 1024) {
+            buf.clear();
+            for e in chunk {
+                buf.extend_from_slice(&u32::from_le(e.load(Ordering::Acquire)).to_le_bytes());
+            }
+            crc = crc32c_append(crc, &buf);
+        }
+        crc
+    }
+
+    fn clear_bitmap(&self) {
+        for w in self.bitmap() {
+            if w.load(Ordering::Relaxed) != 0 {
+                w.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// Length in bytes of region `region` (the last one may be shorter).
+    fn region_len(&self, region: u64) -> u64 {
+        let start = region << self.region_shift;
+        (self.layout.image_size - start).min(self.layout.region_size)
+    }
+
+    /// The regions a byte range touches (empty for `len == 0`).
+    fn regions_of(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 {
+            return 0..0;
+        }
+        (offset >> self.region_shift)..((offset + len - 1) >> self.region_shift) + 1
+    }
+
+    fn begin_region(&self, r: u64) {
+        let st = &self.regions[r as usize].state;
+        let mut s = st.load(Ordering::Relaxed);
+        let mut spins = 0u32;
+        loop {
+            if s & CLEARING != 0 {
+                // flush_end is clearing this region's bit: a few instructions.
+                spins += 1;
+                if spins < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                s = st.load(Ordering::Relaxed);
+                continue;
+            }
+            assert!(s < IN_FLIGHT, "2^31 writes in flight in one region");
+            match st.compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => s = now,
+            }
+        }
+        // Counted in flight first: flush_end cannot clear the bit from now
+        // on, and any clear it did is visible here (its release of CLEARING
+        // is what the CAS above read, directly or through later increments).
+        let (w, m) = bit(r);
+        let word = &self.bitmap()[w];
+        if word.load(Ordering::Relaxed) & m == 0 {
+            word.fetch_or(m, Ordering::AcqRel);
+        }
+    }
+
+    fn end_region(&self, r: u64, generation: u64) {
+        let reg = &self.regions[r as usize];
+        // The generation is visible to whoever sees the decrement.
+        reg.last_gen.fetch_max(generation, Ordering::Release);
+        let mut s = reg.state.load(Ordering::Relaxed);
+        loop {
+            if s & IN_FLIGHT == 0 {
+                log::error!(
+                    "checksum store {}: intent_end on region {r} with nothing in flight",
+                    self.path.display()
+                );
+                return;
+            }
+            match reg
+                .state
+                .compare_exchange_weak(s, s - 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(now) => s = now,
+            }
+        }
+    }
+
+    /// Clears region `r`'s bit if nothing is in flight there and its last
+    /// completion is not newer than `ticket`. While it clears, the region is
+    /// flagged [`CLEARING`] so that `intent_begin` waits instead of reading
+    /// the bit as set just before it goes.
+    fn try_clear(&self, r: u64, ticket: u64) {
+        let reg = &self.regions[r as usize];
+        if reg.state.load(Ordering::Acquire) != 0 || reg.last_gen.load(Ordering::Acquire) > ticket {
+            return;
+        }
+        if reg
+            .state
+            .compare_exchange(0, CLEARING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        if reg.last_gen.load(Ordering::Acquire) <= ticket {
+            let (w, m) = bit(r);
+            self.bitmap()[w].fetch_and(!m, Ordering::AcqRel);
+        }
+        reg.state.store(0, Ordering::Release);
     }
 
     /// Sets the stored CRC32C of block `block` (4 KiB units) directly, e.g.
@@ -784,11 +949,11 @@ impl ChecksumStore {
     /// [`IntegrityError::ReadOnly`].
     pub fn set_expected(&self, block: u64, crc: u32) -> Result<(), IntegrityError> {
         self.writable()?;
-        if block >= self.block_count {
+        if block >= self.layout.block_count {
             return Err(IntegrityError::OutOfRange {
                 offset: block.saturating_mul(BLOCK_SIZE),
                 len: BLOCK_SIZE,
-                image_size: self.image_size,
+                image_size: self.layout.image_size,
             });
         }
         self.set(block, crc);
@@ -929,66 +1094,6 @@ impl ChecksumStore {
         self.verify_inner(offset, data, Some(&mut read_rest))
     }
 
-    /// Writes the entries changed since the last flush to the store file and
-    /// fdatasyncs it. Call it when serving a FLUSH, after the image's
-    /// fdatasync: then data and checksums on disk agree for every write
-    /// completed before the FLUSH. Concurrent record_* calls are fine (what
-    /// they change after the dirty bits were taken goes in the next flush).
-    ///
-    /// # Errors
-    /// The `io::Error` of the write or fdatasync (the entries stay dirty in
-    /// memory only as far as they were not written; retry is safe).
-    /// On a read-only store: `PermissionDenied`.
-    pub fn flush(&self) -> io::Result<()> {
-        if self.read_only {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "checksum store is read-only",
-            ));
-        }
-        let _h = self.header.lock().unwrap_or_else(|e| e.into_inner());
-        self.write_dirty()?;
-        self.file.sync_data()
-    }
-
-    /// Closes the store cleanly: writes the dirty entries, the table CRC and
-    /// `state = clean`, and fdatasyncs. Call it at shutdown after the image's
-    /// last fdatasync and with no write in flight. The next open then skips
-    /// recovery. A read-only store is just closed.
-    ///
-    /// # Errors
-    /// [`IntegrityError::Io`]; the store then stays marked in use and the
-    /// next open recovers.
-    pub fn close(self) -> Result<(), IntegrityError> {
-        if self.read_only {
-            return Ok(());
-        }
-        let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
-        let io = IntegrityError::io("close checksum store", &self.path);
-        let res = (|| {
-            self.write_dirty()?;
-            let mut table_crc = 0;
-            let mut buf = Vec::with_capacity(64 * 1024);
-            for chunk in self.table.chunks(16 * 1024) {
-                buf.clear();
-                for e in chunk {
-                    buf.extend_from_slice(&e.load(Ordering::Acquire).to_le_bytes());
-                }
-                table_crc = crc32c_append(table_crc, &buf);
-            }
-            let mut clean = *h;
-            clean.state = STATE_CLEAN;
-            clean.table_crc = table_crc;
-            // The table is durable before the header says clean.
-            self.file.sync_data()?;
-            self.file.write_all_at(&clean.encode(), 0)?;
-            self.file.sync_data()?;
-            *h = clean;
-            Ok(())
-        })();
-        res.map_err(io)
-    }
-
     fn writable(&self) -> Result<(), IntegrityError> {
         if self.read_only {
             Err(IntegrityError::ReadOnly(self.path.clone()))
@@ -999,11 +1104,11 @@ impl ChecksumStore {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), IntegrityError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.image_size => Ok(()),
+            Some(end) if end <= self.layout.image_size => Ok(()),
             _ => Err(IntegrityError::OutOfRange {
                 offset,
                 len,
-                image_size: self.image_size,
+                image_size: self.layout.image_size,
             }),
         }
     }
@@ -1012,13 +1117,6 @@ impl ChecksumStore {
         self.stripes[(block % STRIPES as u64) as usize]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Stores an entry and marks it dirty (entry first, so a flush that sees
-    /// the bit writes the new value; one that misses it leaves it for later).
-    fn set(&self, block: u64, crc: u32) {
-        self.table[block as usize].store(crc, Ordering::Release);
-        self.dirty[(block / 64) as usize].fetch_or(1 << (block % 64), Ordering::AcqRel);
     }
 
     /// Range of a block covered by `offset..end`, as offsets within the block.
@@ -1103,7 +1201,7 @@ impl ChecksumStore {
                 g.take(e - s, |_| {});
                 continue;
             };
-            let expected = self.table[block as usize].load(Ordering::Acquire);
+            let expected = self.entry(block);
             if expected != found {
                 out.push(Mismatch {
                     block,
@@ -1114,200 +1212,23 @@ impl ChecksumStore {
         }
         Ok(out)
     }
-
-    /// Writes every dirty entry (coalesced into runs of consecutive blocks)
-    /// to the file. Caller holds the header lock. On error every entry taken
-    /// here is marked dirty again, so a retry writes it.
-    fn write_dirty(&self) -> io::Result<()> {
-        let taken: Vec<(usize, u64)> = self
-            .dirty
-            .iter()
-            .enumerate()
-            .filter_map(|(w, word)| match word.swap(0, Ordering::AcqRel) {
-                0 => None,
-                bits => Some((w, bits)),
-            })
-            .collect();
-        let mut run_start = 0u64;
-        let mut run: Vec<u8> = Vec::new();
-        let mut res = Ok(());
-        for &(w, mut bits) in &taken {
-            while bits != 0 && res.is_ok() {
-                let block = w as u64 * 64 + u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                if !run.is_empty() && run_start + (run.len() / 4) as u64 != block {
-                    res = self.file.write_all_at(&run, HEADER_SIZE + 4 * run_start);
-                    run.clear();
-                }
-                if run.is_empty() {
-                    run_start = block;
-                }
-                let val = self.table[block as usize].load(Ordering::Acquire);
-                run.extend_from_slice(&val.to_le_bytes());
-            }
-        }
-        if res.is_ok() && !run.is_empty() {
-            res = self.file.write_all_at(&run, HEADER_SIZE + 4 * run_start);
-        }
-        if res.is_err() {
-            for &(w, bits) in &taken {
-                self.dirty[w].fetch_or(bits, Ordering::AcqRel);
-            }
-        }
-        res
-    }
 }
 
-/// A FLUSH's place in the write-intent record (see [`ChecksumStore::flush_begin`]).
-#[derive(Clone, Copy, Debug)]
-pub struct FlushTicket(#[allow(dead_code)] u64);
-
-// Write-intent API of the data path (interim: no record yet).
-impl ChecksumStore {
-    /// Before a write of image bytes `offset..offset+len` is submitted.
-    ///
-    /// # Errors
-    /// None yet.
-    pub fn intent_begin(&self, _offset: u64, _len: u64) -> Result<(), IntegrityError> {
-        Ok(())
-    }
-
-    /// After that write completed and its checksums were recorded.
-    pub fn intent_end(&self, _offset: u64, _len: u64) {}
-
-    /// When a FLUSH is submitted.
-    pub fn flush_begin(&self) -> FlushTicket {
-        FlushTicket(0)
-    }
-
-    /// After the FLUSH made image and store durable.
-    pub fn flush_end(&self, _t: FlushTicket) {}
-
-    /// The store file.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
+/// Word index and mask (in the file's little-endian byte order) of region
+/// `r`'s bit in the bitmap words.
+fn bit(r: u64) -> (usize, u64) {
+    ((r / 64) as usize, (1u64 << (r % 64)).to_le())
 }
 
-/// Creates a clean store for `image` at `path` via `path.tmp` + rename.
-fn create_store(
-    path: &Path,
-    image: &File,
-    image_path: &Path,
-    image_size: u64,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<(), IntegrityError> {
-    let mut tmp_os = path.as_os_str().to_owned();
-    tmp_os.push(".tmp");
-    let tmp = PathBuf::from(tmp_os);
-    log::info!(
-        "checksum store {}: creating from image {} ({} bytes, {} blocks of 4 KiB)",
-        path.display(),
-        image_path.display(),
-        image_size,
-        image_size.div_ceil(BLOCK_SIZE)
-    );
-    let mut table = Vec::with_capacity(4 * image_size.div_ceil(BLOCK_SIZE) as usize);
-    scan_image(image, image_path, image_size, progress, |_, crc| {
-        table.extend_from_slice(&crc.to_le_bytes())
-    })?;
-    let mut header = Header::new(image_size);
-    header.table_crc = crc32c(&table);
-    let io = IntegrityError::io("create checksum store", &tmp);
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(IntegrityError::io("create checksum store", &tmp))?;
-    f.write_all_at(&header.encode(), 0)
-        .and_then(|_| f.write_all_at(&table, HEADER_SIZE))
-        .and_then(|_| f.sync_all())
-        .map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(IntegrityError::io("rename checksum store into", path))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// Reads the image (`image_size` bytes) in 1 MiB steps and calls
-/// `per_block(block, crc)` for every 4 KiB block in order; `progress(done,
-/// total)` after each step. Holes (per `SEEK_DATA`) are not read: they are
-/// zeros. Bytes past the end of the file read as zeros.
-pub(super) fn scan_image(
-    image: &File,
-    image_path: &Path,
-    image_size: u64,
-    progress: &mut dyn FnMut(u64, u64),
-    mut per_block: impl FnMut(u64, u32),
-) -> Result<(), IntegrityError> {
-    let total = image_size.div_ceil(BLOCK_SIZE);
-    let mut buf = vec![0u8; SCAN_CHUNK as usize];
-    let mut pos = 0u64;
-    let mut block = 0u64;
-    progress(0, total);
-    while pos < image_size {
-        let n = (image_size - pos).min(SCAN_CHUNK) as usize;
-        let hole = chunk_is_hole(image, pos, n as u64);
-        if !hole {
-            read_full_at(image, &mut buf[..n], pos)
-                .map_err(IntegrityError::io("read image", image_path))?;
-        }
-        let mut at = 0;
-        while at < n {
-            let blen = (n - at).min(BLOCK_SIZE as usize);
-            let crc = if hole {
-                crc_of_zeros(blen)
-            } else {
-                crc32c(&buf[at..at + blen])
-            };
-            per_block(block, crc);
-            block += 1;
-            at += blen;
-        }
-        pos += n as u64;
-        progress(block, total);
-    }
-    Ok(())
-}
-
-/// True when `pos..pos+len` of `f` is certainly a hole (no data per
-/// `SEEK_DATA`); false when it has data or the filesystem cannot tell.
-fn chunk_is_hole(f: &File, pos: u64, len: u64) -> bool {
-    let Ok(off) = libc::off_t::try_from(pos) else {
-        return false;
-    };
-    // SAFETY: lseek on a valid, owned fd; the file offset it moves is unused
-    // (all reads here are positional).
-    let r = unsafe { libc::lseek(f.as_raw_fd(), off, libc::SEEK_DATA) };
-    if r < 0 {
-        // ENXIO: no data at or after pos (the rest is a hole or past EOF).
-        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-    }
-    r as u64 >= pos + len
-}
-
-/// Reads `buf.len()` bytes at `pos`, zero-filling past the end of the file.
-fn read_full_at(f: &File, buf: &mut [u8], mut pos: u64) -> io::Result<()> {
-    let mut at = 0;
-    while at < buf.len() {
-        match f.read_at(&mut buf[at..], pos) {
-            Ok(0) => {
-                buf[at..].fill(0);
-                break;
-            }
-            Ok(k) => {
-                at += k;
-                pos += k as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+/// Reads and decodes the header of the open store `file`; also returns the
+/// file's length (fstat).
+fn read_header(file: &File, path: &Path) -> Result<(Header, u64), IntegrityError> {
+    let actual = file
+        .metadata()
+        .map_err(IntegrityError::io("stat checksum store", path))?
+        .len();
+    let mut hbuf = vec![0u8; (super::HEADER_SIZE.min(actual)) as usize];
+    file.read_exact_at(&mut hbuf, 0)
+        .map_err(IntegrityError::io("read checksum store header", path))?;
+    Ok((Header::decode(&hbuf, path)?, actual))
 }

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::integrity::{hex_crc, ALGORITHM_NAME, BLOCK_SIZE, SECTORS_PER_BLOCK};
+use crate::integrity::{hex_crc, RecoveredRegion, ALGORITHM_NAME, BLOCK_SIZE, SECTORS_PER_BLOCK};
 use crate::pin::policy::Policy;
 use crate::pin::Direction;
 use crate::rule::Rule;
@@ -48,18 +48,19 @@ impl Event {
             EventBody::Conflict(e) => e.sector,
             EventBody::TornWrite(e) => e.csum.sector,
             EventBody::ChecksumFailure(e) => e.csum.sector,
-            EventBody::Recovered(e) => e.csum.sector,
+            EventBody::Recovered(e) => e.sector,
         }
     }
 
     /// Checksum block concerned, 4 KiB units (`None` for conflicts, which
-    /// are about a request's whole range).
+    /// are about a request's whole range; the first block re-learned for
+    /// `recovered`).
     pub fn block(&self) -> Option<u64> {
         match &self.body {
             EventBody::Conflict(_) => None,
             EventBody::TornWrite(e) => Some(e.csum.block),
             EventBody::ChecksumFailure(e) => Some(e.csum.block),
-            EventBody::Recovered(e) => Some(e.csum.block),
+            EventBody::Recovered(e) => Some(e.first_block),
         }
     }
 
@@ -85,7 +86,8 @@ pub enum EventBody {
     TornWrite(TornWriteEvent),
     /// Data read does not match the stored checksum, after the R4 recheck.
     ChecksumFailure(ChecksumFailureEvent),
-    /// A block re-checksummed from the image after an unclean shutdown.
+    /// A write-intent region whose blocks were re-checksummed from the image
+    /// after an unclean stop.
     Recovered(RecoveredEvent),
 }
 
@@ -207,7 +209,7 @@ pub struct ConflictEvent {
 }
 
 /// The checksum fields of an event about one block (`torn_write`,
-/// `checksum_failure`, `recovered`), flattened into the event: where, how
+/// `checksum_failure`), flattened into the event: where, how
 /// long, which block, and the two checksums in btrfs order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BlockCsum {
@@ -276,14 +278,18 @@ pub struct TornWriteEvent {
 }
 
 /// `kind: "checksum_failure"` (R4): a block read does not match its stored
-/// checksum, and still does not when re-read into a private buffer.
+/// checksum, and still does not when re-read into a private buffer; or a
+/// block found mismatching at start after an unclean stop, outside every
+/// write-intent region ([`ChecksumFailureEvent::at_start`]: no request).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChecksumFailureEvent {
-    /// Request id.
-    pub request_id: u64,
-    /// Virtqueue index.
-    pub queue: u16,
-    /// Always [`ReportOp::Read`].
+    /// Request id (omitted when not about a request: found at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<u64>,
+    /// Virtqueue index (omitted when not about a request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u16>,
+    /// [`ReportOp::Read`], or [`ReportOp::Other`] when found at start.
     pub op: ReportOp,
     /// The block (`sector` = `block * 8`, `length` 4096, also for a shorter
     /// last block); `expected` is the stored checksum, `found` the checksum
@@ -294,10 +300,11 @@ pub struct ChecksumFailureEvent {
     pub rule: Rule,
     /// The device's `--policy`.
     pub policy: Policy,
-    /// What was done (`--on-mismatch`).
+    /// What was done (`--on-mismatch` for a READ; always
+    /// [`ChecksumAction::Report`] when found at start).
     pub action: ChecksumAction,
     /// Guest-physical ranges the block was read into, `"0xGPA+0xLEN"`
-    /// (bytes; omitted when empty).
+    /// (bytes; omitted when empty, as for one found at start).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guest_ranges: Vec<String>,
     /// Free text.
@@ -305,32 +312,67 @@ pub struct ChecksumFailureEvent {
     pub detail: Option<String>,
 }
 
-/// `kind: "recovered"`: a block whose stored checksum was replaced by the
-/// checksum of the image's data when the store was opened after an unclean
-/// shutdown. Not about a request.
+impl ChecksumFailureEvent {
+    /// The event for block `block` (4 KiB units) found at start, after an
+    /// unclean stop, with checksum `found` while the store holds `expected`,
+    /// outside every write-intent region; `policy` is the device's.
+    pub fn at_start(block: u64, expected: u32, found: u32, policy: Policy) -> ChecksumFailureEvent {
+        ChecksumFailureEvent {
+            request_id: None,
+            queue: None,
+            op: ReportOp::Other,
+            csum: BlockCsum::of_block(block, expected, found),
+            rule: Rule::R4,
+            policy,
+            action: ChecksumAction::Report,
+            guest_ranges: Vec::new(),
+            detail: Some(
+                "found at start after an unclean stop, outside every write-intent region: no write was in flight there"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// `kind: "recovered"`: a write-intent region marked at an unclean stop (a
+/// write may have been in flight there) in which blocks disagreed with the
+/// image when the store was opened; their stored checksums were replaced by
+/// those of the image's data. One event per region. Not about a request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RecoveredEvent {
     /// Always [`ReportOp::Other`].
     pub op: ReportOp,
-    /// The block (`sector` = `block * 8`, `length` 4096); `expected` is the
-    /// checksum the store held, `found` the checksum of the image's data,
-    /// now stored.
-    #[serde(flatten)]
-    pub csum: BlockCsum,
+    /// First sector of the region, 512-byte units.
+    pub sector: u64,
+    /// Length of the region, bytes (1 MiB; less for the image's last region).
+    pub length: u64,
+    /// Region index (units of the region size).
+    pub region: u64,
+    /// Number of blocks re-checksummed from the image.
+    pub blocks: u64,
+    /// First block re-checksummed, 4 KiB units.
+    pub first_block: u64,
+    /// Every block re-checksummed, 4 KiB units, ascending (at most 256 for
+    /// a 1 MiB region).
+    pub block_list: Vec<u64>,
     /// Free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
 
 impl RecoveredEvent {
-    /// The event for checksum block `block` (4 KiB units) whose stored
-    /// checksum `stored` was replaced by `found`.
-    pub fn new(block: u64, stored: u32, found: u32) -> RecoveredEvent {
+    /// The event for a region recovered at open.
+    pub fn new(r: &RecoveredRegion) -> RecoveredEvent {
         RecoveredEvent {
             op: ReportOp::Other,
-            csum: BlockCsum::of_block(block, stored, found),
+            sector: r.first_sector,
+            length: r.len_bytes,
+            region: r.region,
+            blocks: r.blocks.len() as u64,
+            first_block: r.blocks.first().copied().unwrap_or_default(),
+            block_list: r.blocks.clone(),
             detail: Some(
-                "unclean shutdown: the block may have been in flight; re-checksummed from the image"
+                "unclean stop: a write may have been in flight in this write-intent region; its blocks that disagreed with the image were re-checksummed from the image"
                     .into(),
             ),
         }

@@ -35,11 +35,13 @@
 //!   `queue`, `op` (`read`), `sector` (`block * 8`), `length` (4096),
 //!   `block`, `algorithm`, `expected` (stored), `found` (of the data re-read
 //!   from the image), `rule` (`R4`), `policy`, `action` (`report` | `eio`,
-//!   from `--on-mismatch`), `guest_ranges`.
-//! - `recovered` ([`RecoveredEvent`], at open after an unclean shutdown):
-//!   `op` (`other`), `sector` (`block * 8`), `length` (4096), `block`,
-//!   `algorithm`, `expected` (the checksum the store held), `found` (the one
-//!   of the image's data, now stored), `detail`.
+//!   from `--on-mismatch`), `guest_ranges`. Found at start after an unclean
+//!   stop, outside every write-intent region: no `request_id`, `queue`,
+//!   `guest_ranges`; `op` `other`, `action` `report`, a `detail`.
+//! - `recovered` ([`RecoveredEvent`], at open after an unclean stop, one per
+//!   write-intent region): `op` (`other`), `sector` (region start), `length`
+//!   (region bytes), `region`, `blocks` (count re-checksummed from the
+//!   image), `first_block`, `block_list` (4 KiB units), `detail`.
 //!
 //! Checksums are strings `"0x%08x"` ([`Crc`]), in btrfs order: what the
 //! store holds (`expected`), then what the data has (`found`). Guest ranges

@@ -31,7 +31,14 @@ pub fn human_line(e: &Event) -> String {
                 c.csum.expected,
                 c.csum.algorithm.name()
             );
-            let _ = write!(s, "; req {} {}", c.request_id, c.op.name());
+            match c.request_id {
+                Some(id) => {
+                    let _ = write!(s, "; req {id} {}", c.op.name());
+                }
+                None => {
+                    let _ = write!(s, "; {}", c.op.name());
+                }
+            }
             let _ = write!(s, "; rule {}", c.rule.name());
             let _ = write!(s, "; policy {}", c.policy.name());
             let _ = write!(s, "; action {}", c.action.name());
@@ -62,8 +69,8 @@ pub fn human_line(e: &Event) -> String {
         EventBody::Recovered(r) => {
             let _ = write!(
                 s,
-                "recovered block at sector {:#x} (block {}) after an unclean shutdown: stored csum {} replaced by {} from the image",
-                r.csum.sector, r.csum.block, r.csum.expected, r.csum.found
+                "recovered write-intent region {} at sector {:#x} len {} after an unclean stop: {} block(s) re-checksummed from the image, first block {}",
+                r.region, r.sector, r.length, r.blocks, r.first_block
             );
             push_tail(&mut s, &[], r.detail.as_deref());
         }
@@ -128,7 +135,7 @@ pub struct CountersSnapshot {
     pub torn_writes: u64,
     /// `torn_write` events by action.
     pub torn_writes_by_action: BTreeMap<TornWriteAction, u64>,
-    /// `recovered` events (blocks).
+    /// `recovered` events (write-intent regions).
     pub recovered: u64,
     /// `conflict` events, all actions.
     pub conflicts: u64,

@@ -146,7 +146,8 @@ pub fn kind_explanation(kind: EventKind) -> &'static str {
             "checksum_failure: a block read back does not match the CRC32C recorded when it was \
              written, and still does not after a re-read into a private buffer (R4). Either the \
              image was changed behind pinblk's back, the storage corrupted it, or an earlier \
-             torn write left it so. `action` says what was done: report (the guest got the data) or eio \
+             torn write left it so (op `other`: found at start after an unclean stop, outside every \
+             write-intent region). `action` says what was done: report (the guest got the data) or eio \
              (--on-mismatch eio: the guest got an I/O error, as under btrfs or dm-integrity). Run `pinblk scrub` offline to list every such block."
         }
         EventKind::TornWrite => {
@@ -158,9 +159,11 @@ pub fn kind_explanation(kind: EventKind) -> &'static str {
              buffer is pinned by no other request, so no policy sees a conflict to act on."
         }
         EventKind::Recovered => {
-            "recovered: after an unclean shutdown (crash, kill -9) the block's data did not match \
-             its stored checksum, because its write was in flight or not yet flushed; its \
-             checksum was re-computed from the image. Expected after a crash; not a failure."
+            "recovered: after an unclean stop (crash, kill -9), a write-intent region that may \
+             have had a write in flight held blocks whose data did not match their stored \
+             checksums; those checksums were re-computed from the image (one event per region, \
+             `blocks` re-learned). Expected after a crash; not a failure. A mismatch outside \
+             every such region is reported as a checksum_failure instead."
         }
         EventKind::Conflict => {
             "conflict: a request touched guest pages that were still pinned for DMA by another \

@@ -153,20 +153,14 @@ impl QueueWorker {
                     store.refresh_with(offset, len, read_image)
                 }
             }
-            (Command::Flush, Io::Flush(ticket)) => store
-                .flush()
-                .map(|()| {
-                    // Image and store are durable: regions with nothing in
-                    // flight since the FLUSH began are no longer suspect.
-                    if let Some(t) = ticket.take() {
-                        store.flush_end(t);
-                    }
-                })
-                .map_err(|e| crate::integrity::IntegrityError::Io {
-                    what: "flush checksum store",
-                    path: store.path().to_path_buf(),
-                    source: e,
-                }),
+            (Command::Flush, Io::Flush(ticket)) => {
+                // Both fdatasyncs (image, store) completed: regions with
+                // nothing in flight since the FLUSH began are no longer suspect.
+                if let Some(t) = ticket.take() {
+                    store.flush_end(t);
+                }
+                Ok(())
+            }
             (_, Io::Segments(segs)) => segs
                 .iter()
                 .try_for_each(|s| store.record_zero_with(s.offset(), s.len(), read_image)),
@@ -286,8 +280,8 @@ impl QueueWorker {
                 ChecksumAction::Report
             };
             let e = Event::new(ChecksumFailureEvent {
-                request_id: f.id,
-                queue: self.index,
+                request_id: Some(f.id),
+                queue: Some(self.index),
                 op: ReportOp::Read,
                 csum: BlockCsum::of_block(m.block, m.expected, recheck),
                 rule: Rule::R4,

@@ -223,10 +223,12 @@ impl QueueWorker {
         if let Some(pin) = &job.pin {
             dev.pins().mark_submitted(pin);
         }
-        if let (Some(store), Io::Flush(ticket)) = (dev.store(), &mut job.io) {
+        // The write-intent record goes with the range locks (`--range-tracking`).
+        let intent_store = dev.store().filter(|_| dev.ranges().is_some());
+        if let (Some(store), Io::Flush(ticket)) = (intent_store, &mut job.io) {
             *ticket = Some(store.flush_begin());
         }
-        if let (Some(store), Some((offset, len))) = (dev.store(), write_extent(&job.req)) {
+        if let (Some(store), Some((offset, len))) = (intent_store, write_extent(&job.req)) {
             if let Err(e) = store.intent_begin(offset, len) {
                 log::error!("request {}: write-intent record: {e}", job.id);
                 job.status = IOERR;
@@ -329,7 +331,14 @@ impl QueueWorker {
                     );
                 }
             }
-            (Io::Flush(_), _) => push(&mut self.engine, Op::Flush),
+            (Io::Flush(_), _) => {
+                // Image and checksum store synced at once, both off this
+                // thread; the FLUSH completes when both did.
+                push(&mut self.engine, Op::Flush);
+                if self.dev.store().is_some() {
+                    push(&mut self.engine, Op::SyncStore);
+                }
+            }
             (Io::Segments(segs), _) => {
                 let zeroing = matches!(job.req.command, Command::WriteZeroes(_));
                 for s in segs {

@@ -90,16 +90,26 @@ impl QueueWorker {
         Self::with_engine(dev, mem, index, engine)
     }
 
-    /// A worker on a given storage engine (unit tests use a fake one).
+    /// A worker on a given storage engine (unit tests use a fake one); the
+    /// engine gets the checksum store's file for FLUSH.
     ///
     /// # Errors
-    /// [`WorkerError::Setup`] if the wake-up eventfd cannot be duplicated.
+    /// [`WorkerError::Setup`] if the wake-up eventfd or the store's file
+    /// cannot be duplicated.
     pub fn with_engine(
         dev: Arc<Device>,
         mem: GuestMemAtomic,
         index: u16,
-        engine: Engine,
+        mut engine: Engine,
     ) -> Result<Self, WorkerError> {
+        if let Some(store) = dev.store() {
+            engine
+                .set_store_file(store.file())
+                .map_err(|source| WorkerError::Setup {
+                    queue: index,
+                    source,
+                })?;
+        }
         // A stalled request waits on pins of other queues: their unpin wakes
         // this worker through its completion eventfd.
         let waker_fd = engine
