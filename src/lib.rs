@@ -3,8 +3,9 @@
 //!
 //! Layout (docs/DESIGN.md §7), one concern per module; a module imports only
 //! modules below it in this list (`ci/check-layers` enforces it):
-//! - [`guest`], [`rule`]: the shared vocabulary (guest-physical ranges,
-//!   sectors, guest pages; the detection rules R1–R4).
+//! - [`guest`], [`rule`], [`sys`]: the shared vocabulary (guest-physical
+//!   ranges, sectors, guest pages; the detection rules R1–R4) and small OS
+//!   helpers.
 //! - [`virtio_blk`]: the virtio-blk wire format: a descriptor chain parsed
 //!   into a typed request, the config space and feature bits.
 //! - [`storage`]: the image and the storage engines that move data between
@@ -19,6 +20,7 @@
 
 pub mod guest;
 pub mod rule;
+pub mod sys;
 
 pub mod integrity;
 pub mod pin;

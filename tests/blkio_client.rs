@@ -156,8 +156,18 @@ fn twenty_connect_disconnect_cycles() {
         let data = pattern(i, 4096);
         c.buf()[..4096].copy_from_slice(&data);
         let q = (i % 2) as usize;
-        assert_eq!(c.write(q, i * 4096, 0, 4096), 0, "cycle {i}\n{}", srv.log_text());
-        assert_eq!(c.read(q, i * 4096, 4096, 4096), 0, "cycle {i}\n{}", srv.log_text());
+        assert_eq!(
+            c.write(q, i * 4096, 0, 4096),
+            0,
+            "cycle {i}\n{}",
+            srv.log_text()
+        );
+        assert_eq!(
+            c.read(q, i * 4096, 4096, 4096),
+            0,
+            "cycle {i}\n{}",
+            srv.log_text()
+        );
         assert_eq!(&c.buf()[4096..8192], &data[..], "cycle {i}");
         drop(c);
     }

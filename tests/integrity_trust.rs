@@ -707,13 +707,21 @@ fn torn_512_byte_writes_under_passthrough_fail_on_read_back_and_scrub() {
     let addr = c.ptr(0) as usize;
     let s2 = stop.clone();
     let scribbler = std::thread::spawn(move || {
-        let mut v = 0u8;
+        // A 64-bit counter, so the buffer never returns to an earlier
+        // content (a byte fill wraps after 256 rounds, and a write whose
+        // buffer is back to its submitted bytes at completion is invisible
+        // to R3 by design).
+        let mut v = 0u64;
         while !s2.load(Ordering::Relaxed) {
-            v = v.wrapping_add(1);
-            // SAFETY: the first 64 KiB of the client's region, deliberately
-            // changed while the device reads it (the bug class under test);
-            // the region outlives this thread (joined below).
-            unsafe { std::ptr::write_bytes(addr as *mut u8, v, 65536) };
+            v += 1;
+            // SAFETY: the first 64 KiB of the client's region (8-byte
+            // aligned: libblkio maps it page-aligned), deliberately changed
+            // while the device reads it (the bug class under test); the
+            // region outlives this thread (joined below). Volatile: the
+            // stores must happen, though nothing in this thread reads them.
+            for i in 0..65536 / 8 {
+                unsafe { std::ptr::write_volatile((addr as *mut u64).add(i), v) };
+            }
         }
     });
     // One WRITE per 4 KiB block, of 1..4 sectors at a 512-byte aligned offset
@@ -804,10 +812,20 @@ fn torn_512_byte_writes_under_passthrough_fail_on_read_back_and_scrub() {
     );
     let missed: Vec<_> = later_blocks.difference(&failed_blocks).collect();
     let extra: Vec<_> = failed_blocks.difference(&later_blocks).collect();
+    let about = |blocks: &[&u64]| -> Vec<&Value> {
+        ev.iter()
+            .filter(|e| {
+                e["sector"]
+                    .as_u64()
+                    .is_some_and(|s| blocks.contains(&&(s / 8)))
+            })
+            .collect()
+    };
     assert!(
         missed.is_empty() && extra.is_empty(),
         "the blocks that fail on read-back are exactly those whose torn write did not leave the \
-         submitted bytes on disk; missed {missed:?}, extra {extra:?} ({summary})"
+         submitted bytes on disk; missed {missed:?}, extra {extra:?} ({summary}); their events: {:#?}",
+        about(&missed.iter().chain(&extra).copied().collect::<Vec<_>>())
     );
     assert!(
         !scrub_ok,

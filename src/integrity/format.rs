@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::IntegrityError;
 use super::{crc32c, crc_of_zeros, BLOCK_SIZE};
+use crate::sys::{lock_file, LOCK_WAIT};
 
 /// Magic bytes at offset 0 of a checksum store.
 pub const STORE_MAGIC: [u8; 8] = *b"PINBLKCS";
@@ -260,10 +261,7 @@ pub(super) fn open_locked(path: &Path, read_only: bool) -> Result<File, Integrit
 }
 
 fn lock(file: &File, path: &Path, shared: bool) -> Result<(), IntegrityError> {
-    let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
-    // SAFETY: flock on a valid, owned fd; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-        let err = io::Error::last_os_error();
+    if let Err(err) = lock_file(file, !shared, LOCK_WAIT) {
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             return Err(IntegrityError::InUse(path.to_path_buf()));
         }

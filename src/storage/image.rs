@@ -6,11 +6,11 @@
 //! so two pinblk processes never write one image.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::guest::SECTOR_SIZE;
+use crate::sys::{lock_file, LOCK_WAIT};
 
 /// Errors opening or preparing the image.
 #[derive(Debug, thiserror::Error)]
@@ -98,14 +98,7 @@ impl Image {
             oo.custom_flags(libc::O_DIRECT);
         }
         let file = oo.open(path).map_err(io("cannot open image"))?;
-        let op = if opts.read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on an fd we own; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = lock_file(&file, !opts.read_only, LOCK_WAIT) {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 return Err(StorageError::Locked(path.to_path_buf()));
             }
