@@ -12,19 +12,20 @@
 //! touches from just before it goes to storage until its checksums are
 //! recorded or verified: shared for a READ, exclusive for the others.
 //!
-//! Grant rule: a request is granted when no *earlier* request (lower
-//! ticket, granted or still waiting) holds or wants an overlapping range in a
-//! conflicting mode. So overlapping requests are served in arrival order (a
-//! stream of READs cannot starve a WRITE), and a wait is always on an earlier
-//! ticket: no wait cycle is possible. Holders are always requests already
-//! handed to storage (the lock is the last step before submission), so every
-//! wait ends when storage completes.
+//! Grant rule: a request is granted when no request that entered the table
+//! *before* it (granted or still waiting) holds or wants an overlapping range
+//! in a conflicting mode. So overlapping requests are served in arrival order
+//! (a stream of READs cannot starve a WRITE), and a wait is always on an
+//! earlier request: no wait cycle is possible. Holders are always requests
+//! already handed to storage (the lock is the last step before submission),
+//! so every wait ends when storage completes. The table is sharded by 1 MiB
+//! stripes of the image ([`RangeLocks`]).
 //!
 //! This is separate from the pin rules R1/R2 (overlap of guest *buffers*):
 //! this is overlap of *LBAs*, which is legal and never reported as an error.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Called when a range is released that a waiter of a queue overlaps: wakes
@@ -45,12 +46,17 @@ pub enum Access {
 #[derive(Debug)]
 #[must_use = "a range ticket must be released"]
 pub struct RangeTicket {
-    seq: u64,
+    /// The request's id (unique among live tickets).
+    id: u64,
+    /// The shards its blocks fall in (bit i: shard i).
+    shards: u64,
 }
 
 #[derive(Debug)]
 struct Entry {
     blocks: Range<u64>,
+    /// The shards of the request (to count each request once).
+    shards: u64,
     access: Access,
     granted: bool,
     queue: u16,
@@ -58,29 +64,58 @@ struct Entry {
 }
 
 impl Entry {
+    fn overlaps(&self, blocks: &Range<u64>) -> bool {
+        self.blocks.start < blocks.end && blocks.start < self.blocks.end
+    }
+
     fn conflicts(&self, blocks: &Range<u64>, access: Access) -> bool {
-        self.blocks.start < blocks.end
-            && blocks.start < self.blocks.end
-            && (self.access == Access::Exclusive || access == Access::Exclusive)
+        self.overlaps(blocks) && (self.access == Access::Exclusive || access == Access::Exclusive)
     }
 }
 
+/// Blocks of one stripe: block `b` is in shard `(b / STRIPE_BLOCKS) % SHARDS`.
+const STRIPE_BLOCKS: u64 = 256;
+/// Number of shards (one bit each in a ticket's mask).
+const SHARDS: usize = 64;
+
+/// The entries of one shard, in arrival order: a few at most in practice,
+/// so a vector scanned linearly beats a tree and allocates nothing once
+/// grown.
 #[derive(Default)]
-struct Table {
-    next_seq: u64,
-    /// By ticket: arrival order.
-    entries: BTreeMap<u64, Entry>,
+struct Shard {
+    entries: Vec<Entry>,
 }
 
-impl Table {
-    /// Whether the entry `seq` may be granted: no earlier entry conflicts.
-    fn grantable(&self, seq: u64) -> bool {
-        let me = &self.entries[&seq];
-        !self
-            .entries
-            .range(..seq)
-            .any(|(_, e)| e.conflicts(&me.blocks, me.access))
+impl Shard {
+    /// Index of the entry of request `id`.
+    fn find(&self, id: u64) -> Option<usize> {
+        self.entries.iter().position(|e| e.id == id)
     }
+
+    /// Whether no entry before the one at `i` conflicts with it.
+    fn clear_before(&self, i: usize) -> bool {
+        let me = &self.entries[i];
+        !self.entries[..i]
+            .iter()
+            .any(|e| e.conflicts(&me.blocks, me.access))
+    }
+}
+
+/// The shards `blocks` falls in, as a bit mask.
+fn shard_mask(blocks: &Range<u64>) -> u64 {
+    let (first, last) = (
+        blocks.start / STRIPE_BLOCKS,
+        (blocks.end - 1) / STRIPE_BLOCKS,
+    );
+    if last - first >= SHARDS as u64 - 1 {
+        return u64::MAX;
+    }
+    (first..=last).fold(0, |m, stripe| m | 1 << (stripe % SHARDS as u64))
+}
+
+/// The shard indexes of a mask, ascending (the order shards are locked in).
+fn shards_of(mask: u64) -> impl Iterator<Item = usize> {
+    (0..SHARDS).filter(move |i| mask & (1 << i) != 0)
 }
 
 /// Counters of the range table (all queues).
@@ -92,25 +127,42 @@ pub struct RangeCounters {
     pub entries: u64,
 }
 
-/// The range table of one device.
+/// The range table of one device, sharded by 1 MiB stripes so that queues
+/// working on different parts of the image share no lock and no counter. A
+/// request is entered in every shard its blocks fall in (usually one) while
+/// it holds all of them (locked in ascending order), so any two requests are
+/// in the same order in every shard they share (the order in which they
+/// entered), two requests that overlap always meet in a shard they share,
+/// and "earlier" is one order across the table: waits cannot form a cycle.
 pub struct RangeLocks {
-    table: Mutex<Table>,
+    shards: Vec<Mutex<Shard>>,
+    waits: AtomicU64,
     wakers: Mutex<Vec<Option<RangeWaker>>>,
-    waits: std::sync::atomic::AtomicU64,
 }
 
 impl RangeLocks {
     /// An empty table for a device with `num_queues` queues.
     pub fn new(num_queues: u16) -> RangeLocks {
         RangeLocks {
-            table: Mutex::new(Table::default()),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            waits: AtomicU64::new(0),
             wakers: Mutex::new(vec![None; usize::from(num_queues)]),
-            waits: Default::default(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_one(&self, i: usize) -> MutexGuard<'_, Shard> {
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` with the shards of `mask` locked (in ascending order). The
+    /// common case, one shard, allocates nothing.
+    fn with_shards<R>(&self, mask: u64, f: impl FnOnce(&mut [MutexGuard<'_, Shard>]) -> R) -> R {
+        if mask.is_power_of_two() {
+            let mut g = self.lock_one(mask.trailing_zeros() as usize);
+            return f(std::slice::from_mut(&mut g));
+        }
+        let mut guards: Vec<_> = shards_of(mask).map(|i| self.lock_one(i)).collect();
+        f(&mut guards)
     }
 
     /// Sets (or clears) the waker of `queue`, called when a range its waiting
@@ -122,10 +174,11 @@ impl RangeLocks {
         }
     }
 
-    /// Enters request `id` of `queue` for checksum blocks `blocks` (4 KiB
-    /// units, end exclusive) in mode `access`. Returns its ticket and whether
-    /// it is granted now; if not, retry with [`RangeLocks::try_grant`] when
-    /// the queue's waker runs.
+    /// Enters request `id` (unique among the requests in the table) of
+    /// `queue` for checksum blocks `blocks` (4 KiB units, end exclusive, not
+    /// empty) in mode `access`. Returns its ticket
+    /// and whether it is granted now; if not, retry with
+    /// [`RangeLocks::try_grant`] when the queue's waker runs.
     pub fn acquire(
         &self,
         queue: u16,
@@ -133,64 +186,74 @@ impl RangeLocks {
         blocks: Range<u64>,
         access: Access,
     ) -> (RangeTicket, bool) {
-        let mut t = self.lock();
-        let seq = t.next_seq;
-        t.next_seq += 1;
-        t.entries.insert(
-            seq,
-            Entry {
-                blocks,
-                access,
-                granted: false,
-                queue,
-                id,
-            },
-        );
-        let granted = t.grantable(seq);
-        if granted {
-            t.entries.get_mut(&seq).expect("just inserted").granted = true;
-        } else {
-            self.waits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mask = shard_mask(&blocks);
+        let granted = self.with_shards(mask, |guards| {
+            let mut granted = true;
+            for g in guards.iter_mut() {
+                g.entries.push(Entry {
+                    blocks: blocks.clone(),
+                    shards: mask,
+                    access,
+                    granted: false,
+                    queue,
+                    id,
+                });
+                granted &= g.clear_before(g.entries.len() - 1);
+            }
+            if granted {
+                for g in guards.iter_mut() {
+                    g.entries.last_mut().expect("just pushed").granted = true;
+                }
+            }
+            granted
+        });
+        if !granted {
+            self.waits.fetch_add(1, Ordering::Relaxed);
         }
-        (RangeTicket { seq }, granted)
+        (RangeTicket { id, shards: mask }, granted)
     }
 
     /// Grants a waiting ticket if no earlier overlapping request is left;
     /// `true` once granted (also if it was already).
     pub fn try_grant(&self, ticket: &RangeTicket) -> bool {
-        let mut t = self.lock();
-        match t.entries.get(&ticket.seq) {
-            Some(e) if e.granted => return true,
-            Some(_) => {}
-            None => return false,
-        }
-        let granted = t.grantable(ticket.seq);
-        if granted {
-            t.entries.get_mut(&ticket.seq).expect("present").granted = true;
-        }
-        granted
+        self.with_shards(ticket.shards, |guards| {
+            for g in guards.iter() {
+                let Some(i) = g.find(ticket.id) else {
+                    return false;
+                };
+                if g.entries[i].granted {
+                    return true;
+                }
+                if !g.clear_before(i) {
+                    return false;
+                }
+            }
+            for g in guards.iter_mut() {
+                if let Some(i) = g.find(ticket.id) {
+                    g.entries[i].granted = true;
+                }
+            }
+            true
+        })
     }
 
     /// Releases a ticket (granted or not) and wakes every queue with a
     /// waiting request that overlapped it.
     pub fn release(&self, ticket: RangeTicket) {
         let mut wake: Vec<u16> = Vec::new();
-        {
-            let mut t = self.lock();
-            let Some(gone) = t.entries.remove(&ticket.seq) else {
-                return;
-            };
-            for e in t.entries.range(ticket.seq..).map(|(_, e)| e) {
-                if !e.granted
-                    && e.blocks.start < gone.blocks.end
-                    && gone.blocks.start < e.blocks.end
-                    && !wake.contains(&e.queue)
-                {
-                    wake.push(e.queue);
+        self.with_shards(ticket.shards, |guards| {
+            for g in guards.iter_mut() {
+                let Some(i) = g.find(ticket.id) else {
+                    continue;
+                };
+                let gone = g.entries.remove(i);
+                for e in &g.entries[i..] {
+                    if !e.granted && e.overlaps(&gone.blocks) && !wake.contains(&e.queue) {
+                        wake.push(e.queue);
+                    }
                 }
             }
-        }
+        });
         if wake.is_empty() {
             return;
         }
@@ -203,15 +266,17 @@ impl RangeLocks {
     }
 
     /// Ids of the requests that hold or wait for a range overlapping
-    /// `blocks`, except `id` (for reports: who else is on these LBAs).
+    /// `blocks` (not empty), except `id` (for reports: who else is on these
+    /// LBAs).
     pub fn overlapping(&self, blocks: &Range<u64>, id: u64) -> Vec<u64> {
-        let t = self.lock();
-        let mut ids: Vec<u64> = t
-            .entries
-            .values()
-            .filter(|e| e.id != id && e.blocks.start < blocks.end && blocks.start < e.blocks.end)
-            .map(|e| e.id)
-            .collect();
+        let mut ids: Vec<u64> = self.with_shards(shard_mask(blocks), |guards| {
+            guards
+                .iter()
+                .flat_map(|g| g.entries.iter())
+                .filter(|e| e.id != id && e.overlaps(blocks))
+                .map(|e| e.id)
+                .collect()
+        });
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -220,8 +285,17 @@ impl RangeLocks {
     /// Counters now.
     pub fn counters(&self) -> RangeCounters {
         RangeCounters {
-            waits: self.waits.load(std::sync::atomic::Ordering::Relaxed),
-            entries: self.lock().entries.len() as u64,
+            waits: self.waits.load(Ordering::Relaxed),
+            // Each request counted in the lowest of its shards.
+            entries: (0..SHARDS)
+                .map(|i| {
+                    self.lock_one(i)
+                        .entries
+                        .iter()
+                        .filter(|e| e.shards.trailing_zeros() as usize == i)
+                        .count() as u64
+                })
+                .sum(),
         }
     }
 }
@@ -290,6 +364,35 @@ mod tests {
     }
 
     #[test]
+    fn requests_meet_in_the_shards_they_share() {
+        let l = RangeLocks::new(2);
+        // Spans stripes 0 and 1 (shards 0 and 1).
+        let (a, ga) = l.acquire(0, 1, 250..260, Access::Exclusive);
+        // Stripe 1 only: overlaps `a` there.
+        let (b, gb) = l.acquire(1, 2, 258..259, Access::Shared);
+        // Stripe 64 = shard 0 again, but other blocks: no wait.
+        let (c, gc) = l.acquire(1, 3, 64 * 256..64 * 256 + 1, Access::Exclusive);
+        // Everything: all shards; behind `a` (and `b`, `c`).
+        let (d, gd) = l.acquire(0, 4, 0..1 << 20, Access::Shared);
+        assert_eq!((ga, gb, gc, gd), (true, false, true, false));
+        assert_eq!(l.overlapping(&(255..256), 0), vec![1, 4]);
+        l.release(a);
+        assert!(l.try_grant(&b));
+        assert!(!l.try_grant(&d), "still behind the exclusive `c`");
+        l.release(c);
+        assert!(l.try_grant(&d), "shared with `b`");
+        l.release(b);
+        l.release(d);
+        assert_eq!(
+            l.counters(),
+            RangeCounters {
+                waits: 2,
+                entries: 0
+            }
+        );
+    }
+
+    #[test]
     fn waits_only_on_earlier_tickets() {
         // Random acquire/release sequences: every wait is on a lower ticket,
         // and releasing everything granted in order lets everyone through.
@@ -298,8 +401,9 @@ mod tests {
             let l = RangeLocks::new(1);
             let mut held: Vec<(RangeTicket, bool)> = Vec::new();
             for id in 0..12 {
-                let s = rng.u64(0..8);
-                let e = s + rng.u64(1..4);
+                // Around a stripe boundary, so that requests span shards.
+                let s = 250 + rng.u64(0..12);
+                let e = s + rng.u64(1..8);
                 let acc = if rng.bool() {
                     Access::Shared
                 } else {
