@@ -62,6 +62,20 @@ impl FakeHandle {
         true
     }
 
+    /// Posts `result` (bytes, or a negative errno) as the completion of the
+    /// held operation `tag` without carrying it out (a device error, an
+    /// unsupported operation); `false` if no such operation is held.
+    pub fn fail(&self, tag: Tag, result: i32) -> bool {
+        let mut st = self.lock();
+        let Some(i) = st.held.iter().position(|(t, _)| *t == tag) else {
+            return false;
+        };
+        st.held.remove(i);
+        st.ready.push_back((tag, result));
+        let _ = self.eventfd.write(1);
+        true
+    }
+
     /// Completes every held operation, in submission order.
     pub fn complete_all(&self) {
         for t in self.held() {

@@ -409,8 +409,13 @@ impl QueueWorker {
             }
             Io::Segments(segs) => {
                 if let Some(e) = err {
-                    let s = segs[usize::from(op)];
                     let zeroing = matches!(job.req.command, Command::WriteZeroes(_));
+                    let s = segs[usize::from(op)];
+                    if !zeroing && e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                        // The blocks keep their data: their checksums must
+                        // stay too (the segment no longer counts as zeroed).
+                        segs[usize::from(op)].sectors = 0;
+                    }
                     let id = job.id;
                     self.segment_failed(slot, id, s, zeroing, e);
                 }

@@ -286,3 +286,44 @@ fn without_range_locks_some_orders_break_the_checksums() {
         "{runs} orders, none with a checksum failure or a store that disagrees with the image"
     );
 }
+
+/// A DISCARD the file system cannot carry out (EOPNOTSUPP) is a hint that
+/// was not taken (virtio 1.2 §5.2.6): it completes OK, the blocks keep their
+/// data, and so their checksums; a later READ verifies.
+#[test]
+fn an_ignored_discard_keeps_the_checksums() {
+    let (mut rig, gm) = Rig::new(true);
+    let mut d = Driver::new(&gm, &rig.vrings[0], RINGS[0], BUFS[0]..BUFS[0] + BUFS_LEN);
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&24u64.to_le_bytes()); // sector 24 = block 3
+    seg.extend_from_slice(&8u32.to_le_bytes());
+    seg.extend_from_slice(&0u32.to_le_bytes());
+    let data = d.buf(&seg);
+    let discard = d.request_with(
+        virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_DISCARD,
+        0,
+        data,
+        &[r(data, 16)],
+    );
+    rig.workers[0].process_queue(&rig.vrings[0]);
+    let held = rig.fakes[0].held();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(rig.fakes[0].fail(held[0], -libc::EOPNOTSUPP));
+    rig.poke();
+    d.expect(&discard, OK, 1);
+    let buf = d.buf(&[0xee; 4096]);
+    let read = d.request_with(VIRTIO_BLK_T_IN, 24, buf, &[w(buf, 4096)]);
+    rig.workers[0].process_queue(&rig.vrings[0]);
+    rig.fakes[0].complete_all();
+    rig.poke();
+    d.expect(&read, OK, 4097);
+    assert_eq!(d.bytes(buf, 4096), image_bytes(24 * 512, 4096));
+    let image = std::fs::read(&rig.image_path).unwrap();
+    let store = rig.dev.store().unwrap();
+    assert_eq!(store.verify(0, &[&image]).unwrap(), vec![]);
+    let failures = report_lines(&rig.report_path)
+        .into_iter()
+        .filter(|e| e["kind"] == "checksum_failure")
+        .count();
+    assert_eq!(failures, 0);
+}
