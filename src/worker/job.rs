@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::park::Park;
 use super::GuestMem;
 use crate::guest::GuestRange;
 use crate::integrity::ranges::{Access, RangeTicket};
 use crate::integrity::FlushTicket;
 use crate::integrity::BLOCK_SIZE;
-use crate::pin::PinHandle;
+use crate::pin::{PinHandle, PinRef};
+use crate::report::Event;
 use crate::storage::engine::IoVec;
 use crate::virtio_blk::{Command, Request, Segment};
 
@@ -54,6 +54,25 @@ pub(super) enum Stage {
     },
     /// Storage is done; the completion is held back (`--inject-read-delay`).
     Delayed,
+}
+
+/// Why a job waits before submission.
+pub(super) enum Park {
+    /// Stalled on conflicting pins until they are released or `deadline`.
+    Stalled {
+        /// When the stall began.
+        since: std::time::Instant,
+        /// When it ends at the latest (then the job is bounced).
+        deadline: std::time::Instant,
+        /// The pins waited on.
+        waits: Vec<PinRef>,
+        /// The conflict event, emitted when the stall ends.
+        event: Box<Event>,
+    },
+    /// Waiting for bounce-pool memory.
+    PoolWait,
+    /// Waiting for an earlier request on overlapping LBAs (range lock).
+    RangeWait,
 }
 
 /// What a job moves between guest memory and storage.

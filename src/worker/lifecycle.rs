@@ -19,9 +19,9 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK}
 
 use super::events::{conflict_event, emit};
 use super::job::{
-    advance, host_iovecs, lba_blocks, write_extent, BounceBuf, Io, Job, Stage, Transfer,
+    advance, host_iovecs, lba_blocks, write_extent, BounceBuf, Io, Job, Park, Stage, Transfer,
 };
-use super::park::Park;
+
 use super::{GuestMem, QueueWorker};
 use crate::guest::{read_ranges, write_ranges};
 use crate::pin::policy::{decide, Action};

@@ -10,33 +10,13 @@
 use std::time::{Duration, Instant};
 
 use super::events::emit;
-use super::job::Stage;
+use super::job::{Park, Stage};
 use super::QueueWorker;
-use crate::pin::PinRef;
-use crate::report::{ConflictAction, Event, EventBody};
+use crate::report::{ConflictAction, EventBody};
 use crate::storage::{Op, Tag};
 
 /// How often parked jobs are retried while any exist.
 pub(super) const RETRY_INTERVAL: Duration = Duration::from_millis(1);
-
-/// Why a job waits before submission.
-pub(super) enum Park {
-    /// Stalled on conflicting pins until they are released or `deadline`.
-    Stalled {
-        /// When the stall began.
-        since: Instant,
-        /// When it ends at the latest (then the job is bounced).
-        deadline: Instant,
-        /// The pins waited on.
-        waits: Vec<PinRef>,
-        /// The conflict event, emitted when the stall ends.
-        event: Box<Event>,
-    },
-    /// Waiting for bounce-pool memory.
-    PoolWait,
-    /// Waiting for an earlier request on overlapping LBAs (range lock).
-    RangeWait,
-}
 
 /// The worker's parked jobs and its retry timer.
 #[derive(Default)]
