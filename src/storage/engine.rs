@@ -11,7 +11,7 @@
 //!   image (`--null`, a reference that shows what the rest of the path costs);
 //!   FLUSH, DISCARD, WRITE_ZEROES and timers go to io_uring as usual.
 //! - `Engine::Fake` (unit tests only): operations wait until the test
-//!   completes them, one by one, in any order ([`FakeHandle`]).
+//!   completes them, one by one, in any order (`FakeHandle`, test builds only).
 //!
 //! Shape in the spirit of cloud-hypervisor's `block::async_io::AsyncIo`.
 

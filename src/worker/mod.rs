@@ -1,5 +1,5 @@
 //! The per-virtqueue data path (docs/DESIGN.md §5): pops descriptor chains,
-//! carries each request through its states (parsed → pinned → [parked] →
+//! carries each request through its states (parsed → pinned → (parked) →
 //! submitted → completed → verified → done) and pushes each used element as
 //! soon as its own request is done, so requests are in flight concurrently
 //! and one slow request does not hold up the queue.
