@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 use super::events::emit;
-use super::job::{Io, Job};
+use super::job::{Io, Job, Stage};
 use super::QueueWorker;
 use crate::guest::{read_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
@@ -100,6 +100,12 @@ impl QueueWorker {
             return;
         };
         if f.status != VIRTIO_BLK_S_OK as u8 {
+            // Only a request that reached storage can have changed the image
+            // (one failed before, e.g. by the `fail` policy, holds no range
+            // lock and must not touch the store).
+            if !matches!(f.stage, Stage::Submitted { .. }) {
+                return;
+            }
             let image = self.dev.image().file();
             let read_image = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
             let res = match (&f.req.command, &f.io) {
