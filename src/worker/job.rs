@@ -73,6 +73,14 @@ pub(super) enum Park {
     PoolWait,
     /// Waiting for an earlier request on overlapping LBAs (range lock).
     RangeWait,
+    /// Done with storage, verified; a bounced READ waiting to copy its data
+    /// to the guest until the WRITEs whose source it overlaps are unpinned.
+    CopyOut {
+        /// The WRITE pins waited on.
+        waits: Vec<PinRef>,
+        /// When the copy goes ahead anyway.
+        deadline: std::time::Instant,
+    },
 }
 
 /// What a job moves between guest memory and storage.
@@ -193,6 +201,11 @@ impl Slots {
         self.free.push(slot);
         self.len -= 1;
         Some(job)
+    }
+
+    /// Takes the job out of `slot` for good (it is done).
+    pub(super) fn remove(&mut self, slot: u32) -> Option<Job> {
+        self.take(slot)
     }
 
     /// Jobs held.

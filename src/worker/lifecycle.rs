@@ -474,6 +474,40 @@ impl QueueWorker {
         if let (Some(ranges), Some(t)) = (self.dev.ranges(), job.range.take()) {
             ranges.release(t);
         }
+        if let Some(waits) = self.copy_out_waits(&job) {
+            // A bounced READ whose destination is still the source of a
+            // WRITE under DMA: copying now would tear that write. Wait for
+            // its unpin (bounded like a stall), then copy out.
+            let deadline = Instant::now() + self.dev.policy().stall_timeout;
+            let slot = self.jobs.insert(job);
+            return self.park(slot, Park::CopyOut { waits, deadline });
+        }
+        self.done(job);
+    }
+
+    /// The pins a bounced READ must wait for before its data is copied to
+    /// the guest: those of WRITEs submitted to storage (so under DMA) whose
+    /// source overlaps its destination (R2). `None` when there are none.
+    fn copy_out_waits(&self, job: &Job) -> Option<Vec<PinRef>> {
+        let dev = &self.dev;
+        let pin = job.pin.as_ref()?;
+        if !job.is_read() || job.status != OK || job.bounce().is_none() {
+            return None;
+        }
+        let waits: Vec<PinRef> = dev
+            .pins()
+            .check(pin, &job.req.data)
+            .iter()
+            .filter(|c| c.by.submitted && c.by.direction == Direction::DeviceRead)
+            .map(|c| c.by.pin)
+            .filter(|p| dev.pins().watch(p, self.index))
+            .collect();
+        (!waits.is_empty()).then_some(waits)
+    }
+
+    /// verified → done: copies a bounced READ out, writes the status byte,
+    /// pushes the used element, unpins.
+    pub(super) fn done(&mut self, mut job: Job) {
         let bounce = match &mut job.io {
             Io::Transfer(t) => t.bounce.take(),
             _ => None,

@@ -91,6 +91,16 @@ impl QueueWorker {
                     }
                 }
                 Stage::Parked(Park::PoolWait) => self.go(slot, true, force),
+                Stage::Parked(Park::CopyOut { waits, deadline }) => {
+                    let released = waits.iter().all(|w| dev.pins().is_released(w));
+                    if released || force || now >= deadline {
+                        let job = self.jobs.remove(slot).expect("parked slot is in use");
+                        self.done(job);
+                    } else {
+                        self.job(slot).stage = Stage::Parked(Park::CopyOut { waits, deadline });
+                        self.park.slots.push(slot);
+                    }
+                }
                 // Never forced: the earlier request it waits on is submitted
                 // and completes by itself.
                 Stage::Parked(Park::RangeWait) => self.go(slot, false, force),

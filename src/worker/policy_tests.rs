@@ -556,6 +556,26 @@ fn r2_bounce_lands_in_a_private_buffer() {
     finish_r2(&rig, h, "bounce");
 }
 
+/// A bounced READ that completes while the WRITE it conflicts with is still
+/// under DMA must not copy into that WRITE's source yet (that would tear
+/// it): it completes when the WRITE is unpinned.
+#[test]
+fn r2_bounce_copies_out_only_after_the_write_is_unpinned() {
+    let (mut rig, gm) = Rig::new(settings(Policy::Bounce), NOT_LONG);
+    let (_d0, mut d1) = rig.drivers(&gm);
+    let (h, rd) = start_r2(&mut rig, &mut d1);
+    rig.poke_for(1, Duration::from_millis(30), || {
+        d1.expect_pending(&rd);
+        assert_eq!(peek(&gm, B, LEN as usize), [FILL; LEN as usize]);
+    });
+    assert_r2_event(&rig.the_conflict(), "bounce", "bounce");
+    rig.dev.pins().unpin(h);
+    rig.poke_until(1, "READ copied out after the unpin", || d1.done(&rd));
+    d1.expect(&rd, OK, LEN + 1);
+    assert_eq!(peek(&gm, B, LEN as usize), sector_data(SRC));
+    rig.assert_idle();
+}
+
 #[test]
 fn r2_fail_is_ioerr_and_leaves_the_buffer() {
     let (mut rig, gm) = Rig::new(settings(Policy::Fail), NOT_LONG);
