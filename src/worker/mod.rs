@@ -185,6 +185,7 @@ impl QueueWorker {
                     log::error!("queue {}: cannot disable notifications: {e}", self.index);
                 }
             }
+            let mut popped = 0usize;
             loop {
                 // Snapshot guest memory for each chain, after the avail index
                 // was read, so a memory-table change is seen at once.
@@ -195,11 +196,25 @@ impl QueueWorker {
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
                 self.start(mem, chain);
+                popped += 1;
             }
             if !self.event_idx {
                 break;
             }
             match vring.enable_notification() {
+                // More was made available meanwhile: pop it. But if nothing
+                // could be popped although the avail index says there is
+                // more (an avail index more than the queue size ahead, a
+                // ring not ready), looping would spin forever under the
+                // worker's lock (and block GET_VRING_BASE): stop here.
+                Ok(true) if popped == 0 => {
+                    log::warn!(
+                        "queue {}: avail index ahead but no descriptor chain can be popped; \
+                         waiting for the next kick",
+                        self.index
+                    );
+                    break;
+                }
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {

@@ -239,6 +239,11 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// Sets the avail ring's index, whatever the descriptors (a hostile driver).
+    pub(crate) fn set_avail_idx(&self, idx: u16) {
+        self.q.avail().idx().store(idx);
+    }
+
     pub(crate) fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
         peek(self.mem, addr, len)
     }

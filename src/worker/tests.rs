@@ -16,10 +16,11 @@ use virtio_bindings::bindings::virtio_blk::{
 
 use super::test_util::{
     device, guest_memory, image_bytes, image_file, outhdr, pattern, r, vring, w, Driver, Io, D,
-    IMAGE_SIZE, IOERR, MEM_SIZE, OK, UNSET, UNSUPP,
+    IMAGE_SIZE, IOERR, MEM_SIZE, OK, QSIZE, UNSET, UNSUPP,
 };
 use super::{GuestMem, QueueWorker, Vring};
 use crate::device::Device;
+use vhost_user_backend::VringT;
 
 const CAPACITY: u64 = IMAGE_SIZE / 512;
 /// Buffers are allocated from here up to `BUF_END`.
@@ -616,4 +617,33 @@ fn chain_longer_than_4gib_is_not_ok() {
         want[200 * 512..201 * 512].copy_from_slice(&pattern(0x40, 512));
         want
     });
+}
+
+/// EVENT_IDX on, and the avail index moved more than the queue size ahead
+/// (a hostile driver): no chain can be popped, yet the index differs from
+/// where the device stopped. The kick must return (it used to spin forever
+/// under the worker's lock, which also blocked GET_VRING_BASE), and a good
+/// request made available afterwards, with a sane index, is served.
+#[test]
+fn avail_index_far_ahead_under_event_idx_does_not_spin() {
+    let (mut b, gm) = Backend::new(false);
+    let mut d = b.driver(&gm);
+    b.vring.set_queue_event_idx(true);
+    b.worker.set_event_idx(true);
+    d.set_avail_idx(QSIZE + 5);
+    // On its own thread, so that a regression fails the test instead of
+    // hanging it (the spinning thread is left behind).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut b = b;
+        b.worker.process_queue(&b.vring);
+        let _ = tx.send(b);
+    });
+    let mut b = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("process_queue spun on an avail index it cannot pop");
+    d.set_avail_idx(0);
+    let io = d.read(8, 4096);
+    b.run();
+    d.expect(&io, OK, 4097);
 }
