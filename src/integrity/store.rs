@@ -1132,10 +1132,27 @@ impl ChecksumStore {
         &self,
         offset: u64,
         len: u64,
-        mut src: Source<'_>,
-        mut read_rest: Option<ReadBlock<'_>>,
+        src: Source<'_>,
+        read_rest: Option<ReadBlock<'_>>,
     ) -> Result<(), IntegrityError> {
         self.writable()?;
+        self.block_checksums(offset, len, src, read_rest, |block, crc| {
+            self.set(block, crc)
+        })
+    }
+
+    /// Calls `each(block, crc)` with the checksum every block of
+    /// `offset..offset+len` (bytes) gets when `src` is written there: whole
+    /// blocks from `src` alone, partly covered ones with the rest of the
+    /// block read by `read_rest` (under the block's stripe lock).
+    fn block_checksums(
+        &self,
+        offset: u64,
+        len: u64,
+        mut src: Source<'_>,
+        mut read_rest: Option<ReadBlock<'_>>,
+        mut each: impl FnMut(u64, u32),
+    ) -> Result<(), IntegrityError> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -1154,8 +1171,7 @@ impl ChecksumStore {
         for block in first..=last {
             let (s, e, blen) = self.covered(block, offset, end);
             if s == 0 && e == blen {
-                let crc = src.crc_next(blen);
-                self.set(block, crc);
+                each(block, src.crc_next(blen));
                 continue;
             }
             let read = read_rest.as_mut().expect("partial blocks checked above");
@@ -1165,9 +1181,36 @@ impl ChecksumStore {
                 &self.path,
             ))?;
             src.copy_next(&mut buf[s..e]);
-            self.set(block, crc32c(&buf[..blen]));
+            each(block, crc32c(&buf[..blen]));
         }
         Ok(())
+    }
+
+    /// The checksum each block touched by `data` at byte `offset` will have
+    /// once it is written, without recording anything: as
+    /// [`ChecksumStore::record_write_with`] computes them (`read_rest` reads
+    /// the rest of a partly covered block from the image). One entry per
+    /// block, from block `offset / 4096` on.
+    ///
+    /// # Errors
+    /// [`IntegrityError::OutOfRange`], [`IntegrityError::Io`] if `read_rest`
+    /// fails.
+    pub fn checksums_with(
+        &self,
+        offset: u64,
+        data: &[&[u8]],
+        mut read_rest: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
+    ) -> Result<Vec<u32>, IntegrityError> {
+        let len = data.iter().map(|s| s.len() as u64).sum();
+        let mut out = Vec::new();
+        self.block_checksums(
+            offset,
+            len,
+            Source::Data(Gather::new(data)),
+            Some(&mut read_rest),
+            |_, crc| out.push(crc),
+        )?;
+        Ok(out)
     }
 
     fn verify_inner(

@@ -13,7 +13,7 @@ use super::job::{Io, Job, Stage};
 use super::QueueWorker;
 use crate::guest::{read_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
-use crate::integrity::{crc32c, crc32c_append, BLOCK_SIZE};
+use crate::integrity::{crc32c, BLOCK_SIZE};
 use crate::report::{
     gpa_range, Algorithm, BlockCsum, ChecksumAction, ChecksumFailureEvent, Crc, Event, Outcome,
     ReportOp, TornWriteAction, TornWriteEvent,
@@ -74,7 +74,8 @@ impl QueueWorker {
         let merged = if aligned || data.is_empty() {
             Vec::new()
         } else {
-            match merged_block_crcs(dev.image().file(), store, offset, data) {
+            let image = dev.image().file();
+            match store.checksums_with(offset, &[data], |off, buf| image.read_exact_at(buf, off)) {
                 Ok(m) => m,
                 Err(e) => {
                     log::warn!(
@@ -323,37 +324,4 @@ fn guest_ranges_of(f: &Job, mut start: u64, mut len: u64) -> Vec<String> {
         }
     }
     out
-}
-
-/// The checksum of each 4 KiB block that `data`, written at image byte
-/// `offset`, touches: the image's bytes of the block before and after the
-/// written part, merged with `data`. The caller holds the blocks' range lock.
-fn merged_block_crcs(
-    image: &std::fs::File,
-    store: &crate::integrity::ChecksumStore,
-    offset: u64,
-    data: &[u8],
-) -> std::io::Result<Vec<u32>> {
-    let end = offset + data.len() as u64;
-    let mut buf = [0u8; BLOCK_SIZE as usize];
-    let mut out = Vec::new();
-    for b in offset / BLOCK_SIZE..end.div_ceil(BLOCK_SIZE) {
-        let start = b * BLOCK_SIZE;
-        let stop = start + store.block_len(b) as u64;
-        let mut crc = 0;
-        if offset > start {
-            let head = &mut buf[..(offset - start) as usize];
-            image.read_exact_at(head, start)?;
-            crc = crc32c_append(crc, head);
-        }
-        let (from, to) = (offset.max(start), end.min(stop));
-        crc = crc32c_append(crc, &data[(from - offset) as usize..(to - offset) as usize]);
-        if end < stop {
-            let tail = &mut buf[..(stop - end) as usize];
-            image.read_exact_at(tail, end)?;
-            crc = crc32c_append(crc, tail);
-        }
-        out.push(crc);
-    }
-    Ok(out)
 }
