@@ -203,11 +203,6 @@ impl Slots {
         Some(job)
     }
 
-    /// Takes the job out of `slot` for good (it is done).
-    pub(super) fn remove(&mut self, slot: u32) -> Option<Job> {
-        self.take(slot)
-    }
-
     /// Jobs held.
     pub fn len(&self) -> usize {
         self.len

@@ -327,3 +327,27 @@ fn an_ignored_discard_keeps_the_checksums() {
         .count();
     assert_eq!(failures, 0);
 }
+
+/// FLUSH with checksums on syncs the image and the checksum store as two
+/// storage operations of the engine, side by side: no fdatasync runs on the
+/// queue's thread, and the FLUSH completes only when both did.
+#[test]
+fn flush_syncs_image_and_store_through_the_engine() {
+    let (mut rig, gm) = Rig::new(true);
+    let mut d = Driver::new(&gm, &rig.vrings[0], RINGS[0], BUFS[0]..BUFS[0] + BUFS_LEN);
+    let flush = d.request_with(
+        virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_FLUSH,
+        0,
+        0,
+        &[],
+    );
+    rig.workers[0].process_queue(&rig.vrings[0]);
+    let held = rig.fakes[0].held();
+    assert_eq!(held.len(), 2, "image and store fdatasync: {held:?}");
+    assert!(rig.fakes[0].complete(held[0]));
+    rig.poke();
+    d.expect_pending(&flush);
+    assert!(rig.fakes[0].complete(held[1]));
+    rig.poke();
+    d.expect(&flush, OK, 1);
+}

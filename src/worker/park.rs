@@ -94,7 +94,7 @@ impl QueueWorker {
                 Stage::Parked(Park::CopyOut { waits, deadline }) => {
                     let released = waits.iter().all(|w| dev.pins().is_released(w));
                     if released || force || now >= deadline {
-                        let job = self.jobs.remove(slot).expect("parked slot is in use");
+                        let job = self.jobs.take(slot).expect("parked slot is in use");
                         self.done(job);
                     } else {
                         self.job(slot).stage = Stage::Parked(Park::CopyOut { waits, deadline });
