@@ -5,7 +5,7 @@
 //! modules below it in this list (`ci/check-layers` enforces it):
 //! - [`guest`], [`rule`], [`sys`]: the shared vocabulary (guest-physical
 //!   ranges, sectors, guest pages; the detection rules R1–R4) and small OS
-//!   helpers.
+//!   helpers; [`logging`]: log lines rate-limited per kind of message.
 //! - [`virtio_blk`]: the virtio-blk wire format: a descriptor chain parsed
 //!   into a typed request, the config space and feature bits.
 //! - [`storage`]: the image and the storage engines that move data between
@@ -19,6 +19,7 @@
 //! - [`cli`]: the command line (only `main` uses it).
 
 pub mod guest;
+pub mod logging;
 pub mod rule;
 pub mod sys;
 

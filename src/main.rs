@@ -126,7 +126,9 @@ fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, Error> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Err(e) = pinblk::logging::init() {
+        eprintln!("pinblk: cannot install the logger: {e}");
+    }
     if cli.print_capabilities {
         println!("{CAPABILITIES}");
         return ExitCode::SUCCESS;
