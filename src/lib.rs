@@ -11,6 +11,7 @@
 //! - [`storage`]: the image and the storage engines that move data between
 //!   it and guest memory (io_uring, null, a fake for tests).
 //! - [`pin`]: the pinned-DMA model (pin tracker, conflict detection, policy).
+//! - [`inflight`]: the vhost-user inflight I/O tracking record (restart).
 //! - [`integrity`]: per-block checksums of every write and their store.
 //! - [`report`]: report events (JSON Lines, human lines, counters, summary).
 //! - [`device`]: one served device: options, state and counters.
@@ -23,6 +24,7 @@ pub mod logging;
 pub mod rule;
 pub mod sys;
 
+pub mod inflight;
 pub mod integrity;
 pub mod pin;
 pub mod storage;
