@@ -28,6 +28,9 @@
 #   --guest-dir DIR      kernel/initramfs dir (default $PWD/target/guest);
 #                        built with build-guest.sh when missing/outdated
 #   --append 'ARGS'      extra kernel command line
+#   --reconnect SEC      QEMU reconnects to the socket SEC seconds after the
+#                        backend went away (chardev reconnect=SEC; default:
+#                        no reconnect, a lost backend stops the disk)
 #   --quiet              don't stream the console while it runs
 #
 # Exit status: 0 only if the guest printed PINBLK-GUEST-DONE rc=0, and (in fio
@@ -66,6 +69,7 @@ LOG=
 GUEST_DIR=$PWD/target/guest
 APPEND=
 QUIET=0
+RECONNECT=
 QEMU=${QEMU:-qemu-system-x86_64}
 
 need() { [[ $# -ge 2 ]] || die "option $1 needs a value"; }
@@ -88,6 +92,7 @@ while [[ $# -gt 0 ]]; do
 	--log) need "$@"; LOG=$2; shift 2 ;;
 	--guest-dir) need "$@"; GUEST_DIR=$2; shift 2 ;;
 	--append) need "$@"; APPEND=$2; shift 2 ;;
+	--reconnect) need "$@"; RECONNECT=$2; shift 2 ;;
 	--quiet) QUIET=1; shift ;;
 	-h | --help) usage 0 ;;
 	*) die "unknown option: $1 (see --help)" ;;
@@ -97,6 +102,7 @@ done
 [[ -S $SOCKET ]] || die "$SOCKET is not a unix socket (is the backend running?)"
 [[ $NUM_QUEUES =~ ^[0-9]+$ && $NUM_QUEUES -ge 1 ]] || die "bad --num-queues $NUM_QUEUES"
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || die "bad --timeout $TIMEOUT"
+[[ -z $RECONNECT || $RECONNECT =~ ^[0-9]+$ ]] || die "bad --reconnect $RECONNECT"
 [[ $NUMJOBS =~ ^[0-9]+$ && $NUMJOBS -ge 1 ]] || die "bad --numjobs $NUMJOBS"
 command -v "$QEMU" >/dev/null || die "$QEMU not found (run build-guest.sh to install it)"
 
@@ -182,7 +188,7 @@ QEMU_ARGS=(
 	-chardev "file,id=con0,path=$LOG"
 	-serial chardev:con0
 	-monitor none
-	-chardev "socket,id=char0,path=$SOCKET"
+	-chardev "socket,id=char0,path=$SOCKET${RECONNECT:+,reconnect=$RECONNECT}"
 	-device "vhost-user-blk-pci,chardev=char0,num-queues=$NUM_QUEUES"
 )
 say "booting guest: socket=$SOCKET num-queues=$NUM_QUEUES size=$SIZE bs=$BS iodepth=$IODEPTH numjobs=$NUMJOBS rw=$RW${CMD:+ cmd=$CMD} timeout=${TIMEOUT}s"

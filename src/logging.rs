@@ -141,15 +141,17 @@ impl<L: Log> Log for RateLimited<L> {
     }
 }
 
-/// Installs env_logger (filter from `RUST_LOG`, `info` by default) behind
+/// Installs env_logger (filter from `RUST_LOG`, `info` by default; time
+/// stamps in milliseconds) behind
 /// [`RateLimited`] as the global logger, with a ticker thread that reports
 /// held-back lines once their interval is over.
 ///
 /// # Errors
 /// [`log::SetLoggerError`] if a global logger is already installed.
 pub fn init() -> Result<(), log::SetLoggerError> {
-    let inner =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    let inner = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .build();
     let max = inner.filter();
     let logger = Arc::new(RateLimited::new(inner, DEFAULT_INTERVAL));
     log::set_boxed_logger(Box::new(Shared(logger.clone())))?;
