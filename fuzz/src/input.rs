@@ -79,9 +79,8 @@ impl Input {
     /// Decodes `data`; every byte string is a valid input.
     pub fn decode(data: &[u8]) -> Input {
         let byte = |i: usize| data.get(i).copied().unwrap_or(0);
-        let le = |at: usize, n: usize| {
-            (0..n).fold(0u64, |v, i| v | u64::from(byte(at + i)) << (8 * i))
-        };
+        let le =
+            |at: usize, n: usize| (0..n).fold(0u64, |v, i| v | u64::from(byte(at + i)) << (8 * i));
         let queue_size = 1u16 << (byte(0) % 9);
         let flags = byte(1);
         let limits = Limits {
@@ -94,7 +93,12 @@ impl Input {
         let descs = (0..n)
             .map(|i| {
                 let at = HEADER_LEN + 16 * i;
-                (le(at, 8), le(at + 8, 4) as u32, le(at + 12, 2) as u16, le(at + 14, 2) as u16)
+                (
+                    le(at, 8),
+                    le(at + 8, 4) as u32,
+                    le(at + 12, 2) as u16,
+                    le(at + 14, 2) as u16,
+                )
             })
             .collect();
         let start = (HEADER_LEN + 16 * n).min(data.len());
@@ -115,7 +119,9 @@ impl Input {
         assert!(self.queue_size.is_power_of_two() && self.queue_size <= 256);
         assert!(self.descs.len() <= usize::from(self.queue_size));
         let mut out = vec![self.queue_size.trailing_zeros() as u8];
-        out.push(u8::from(self.limits.read_only) | u8::from(self.limits.logical_block_size == 4096) << 1);
+        out.push(
+            u8::from(self.limits.read_only) | u8::from(self.limits.logical_block_size == 4096) << 1,
+        );
         out.extend_from_slice(&self.limits.capacity.to_le_bytes());
         out.extend_from_slice(&self.head.to_le_bytes());
         out.push(self.descs.len() as u8);
@@ -138,8 +144,10 @@ impl Input {
         ])
         .expect("fuzz guest memory");
         let (low, high) = self.image.split_at(self.image.len().min(LOW.1 as usize));
-        mem.write_slice(low, GuestAddress(LOW.0)).expect("image fits LOW");
-        mem.write_slice(high, GuestAddress(HIGH.0)).expect("image fits HIGH");
+        mem.write_slice(low, GuestAddress(LOW.0))
+            .expect("image fits LOW");
+        mem.write_slice(high, GuestAddress(HIGH.0))
+            .expect("image fits HIGH");
         mem
     }
 

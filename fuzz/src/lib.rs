@@ -41,7 +41,9 @@ pub fn parse_request(data: &[u8]) -> Outcome {
     let input = Input::decode(data);
     let mem = input.guest_memory();
     let mock = input.write_queue(&mem);
-    let mut queue: Queue = mock.create_queue().expect("mock queue parameters are valid");
+    let mut queue: Queue = mock
+        .create_queue()
+        .expect("mock queue parameters are valid");
     let Some(chain) = queue.pop_descriptor_chain(&mem) else {
         return Outcome::NoChain;
     };
@@ -95,12 +97,7 @@ pub fn parse_request(data: &[u8]) -> Outcome {
 
 /// The properties of an accepted request: equal to the model's, and inside
 /// guest memory and the device's capacity on its own terms.
-fn check_accepted(
-    req: &pinblk::virtio_blk::Request,
-    want: &Expected,
-    head: u16,
-    input: &Input,
-) {
+fn check_accepted(req: &pinblk::virtio_blk::Request, want: &Expected, head: u16, input: &Input) {
     assert_eq!(req.head, head, "request names another head");
     assert_eq!(req.status_addr.0, want.status, "status byte misplaced");
     assert_eq!(req.command, want.command, "command differs from the model");
@@ -110,7 +107,11 @@ fn check_accepted(
         "data buffer differs from the model"
     );
     let total: u64 = req.data.iter().map(|r| u64::from(r.len)).sum();
-    assert_eq!(u64::from(req.data_len), total, "data_len is not the sum of data");
+    assert_eq!(
+        u64::from(req.data_len),
+        total,
+        "data_len is not the sum of data"
+    );
     for r in &req.data {
         assert!(r.len > 0, "empty data range {r:?}");
         assert!(
@@ -118,10 +119,14 @@ fn check_accepted(
             "data range {r:?} outside guest memory"
         );
     }
-    assert!(input::in_guest_memory(req.status_addr.0, 1), "status outside guest memory");
+    assert!(
+        input::in_guest_memory(req.status_addr.0, 1),
+        "status outside guest memory"
+    );
     let limits = &input.limits;
-    let in_capacity =
-        |sector: u64, sectors: u64| u128::from(sector) + u128::from(sectors) <= u128::from(limits.capacity);
+    let in_capacity = |sector: u64, sectors: u64| {
+        u128::from(sector) + u128::from(sectors) <= u128::from(limits.capacity)
+    };
     match &req.command {
         Command::Read { sector } | Command::Write { sector } => {
             let lbs = u64::from(limits.logical_block_size);
@@ -133,11 +138,18 @@ fn check_accepted(
             }
         }
         Command::Discard(segs) | Command::WriteZeroes(segs) => {
-            assert!(!limits.read_only, "{} accepted on a read-only device", req.command.name());
+            assert!(
+                !limits.read_only,
+                "{} accepted on a read-only device",
+                req.command.name()
+            );
             assert!(req.data.is_empty(), "segments left in the data buffer");
             for s in segs {
                 assert!(s.sectors > 0, "empty segment kept");
-                assert!(in_capacity(s.sector.0, u64::from(s.sectors)), "segment past capacity");
+                assert!(
+                    in_capacity(s.sector.0, u64::from(s.sectors)),
+                    "segment past capacity"
+                );
             }
         }
         Command::Flush => assert!(req.data.is_empty(), "FLUSH with a data buffer"),

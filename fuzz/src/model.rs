@@ -229,7 +229,9 @@ fn expect_inner(mem: &GuestMem, descs: &[Desc], limits: &Limits) -> Result<Expec
     let writable_data = sub_stream(&f.writable, 0, total(&f.writable) - 1);
     let (data, other) = match kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID => (writable_data, readable_data),
-        VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_FLUSH | VIRTIO_BLK_T_DISCARD
+        VIRTIO_BLK_T_OUT
+        | VIRTIO_BLK_T_FLUSH
+        | VIRTIO_BLK_T_DISCARD
         | VIRTIO_BLK_T_WRITE_ZEROES => (readable_data, writable_data),
         _ => return Err("unknown request type"),
     };
@@ -240,7 +242,12 @@ fn expect_inner(mem: &GuestMem, descs: &[Desc], limits: &Limits) -> Result<Expec
     if len > u64::from(u32::MAX) {
         return Err("data of 4 GiB or more");
     }
-    let writes = [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES].contains(&kind);
+    let writes = [
+        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+    ]
+    .contains(&kind);
     if writes && limits.read_only {
         return Err("write on a read-only device");
     }
@@ -260,9 +267,13 @@ fn expect_inner(mem: &GuestMem, descs: &[Desc], limits: &Limits) -> Result<Expec
                 return Err("transfer past capacity");
             }
             if kind == VIRTIO_BLK_T_IN {
-                Command::Read { sector: Sector(sector) }
+                Command::Read {
+                    sector: Sector(sector),
+                }
             } else {
-                Command::Write { sector: Sector(sector) }
+                Command::Write {
+                    sector: Sector(sector),
+                }
             }
         }
         VIRTIO_BLK_T_FLUSH => Command::Flush,

@@ -101,51 +101,92 @@ pub fn seeds() -> Vec<(&'static str, Input, Outcome)> {
     let segs = image_addr(SEGS);
     let mut out = Vec::new();
 
-    let read = request(VIRTIO_BLK_T_IN, 8, &[r(hdr, 16), w(DATA, 4096), w(STATUS, 1)]);
+    let read = request(
+        VIRTIO_BLK_T_IN,
+        8,
+        &[r(hdr, 16), w(DATA, 4096), w(STATUS, 1)],
+    );
     out.push(("read-4k", read, Outcome::Accepted("READ")));
 
-    let mut read4k = request(VIRTIO_BLK_T_IN, 16, &[r(hdr, 16), w(DATA, 8192), w(STATUS, 1)]);
+    let mut read4k = request(
+        VIRTIO_BLK_T_IN,
+        16,
+        &[r(hdr, 16), w(DATA, 8192), w(STATUS, 1)],
+    );
     read4k.limits.logical_block_size = 4096;
     out.push(("read-lbs4096", read4k, Outcome::Accepted("READ")));
 
     // Header, data and status in one writable-final framing: the status is
     // the last byte of the data descriptor (virtio 1.2 §2.7.4).
     let merged = request(VIRTIO_BLK_T_IN, 0, &[r(hdr, 16), w(DATA, 513)]);
-    out.push(("read-status-in-data-desc", merged, Outcome::Accepted("READ")));
+    out.push((
+        "read-status-in-data-desc",
+        merged,
+        Outcome::Accepted("READ"),
+    ));
 
     let write = request(
         VIRTIO_BLK_T_OUT,
         2040,
-        &[r(hdr, 16), r(DATA, 1024), r(HIGH.0 + 0x100, 3072), w(STATUS, 1)],
+        &[
+            r(hdr, 16),
+            r(DATA, 1024),
+            r(HIGH.0 + 0x100, 3072),
+            w(STATUS, 1),
+        ],
     );
     out.push(("write-two-regions", write, Outcome::Accepted("WRITE")));
 
     // Header split across descriptors, data in the same descriptor as the
     // header's tail.
-    let split = request(VIRTIO_BLK_T_OUT, 4, &[r(hdr, 10), r(hdr + 10, 6 + 512), w(STATUS, 1)]);
+    let split = request(
+        VIRTIO_BLK_T_OUT,
+        4,
+        &[r(hdr, 10), r(hdr + 10, 6 + 512), w(STATUS, 1)],
+    );
     out.push(("write-split-header", split, Outcome::Accepted("WRITE")));
 
     let flush = request(VIRTIO_BLK_T_FLUSH, 0, &[r(hdr, 16), w(STATUS, 1)]);
     out.push(("flush", flush, Outcome::Accepted("FLUSH")));
 
-    let get_id = request(VIRTIO_BLK_T_GET_ID, 0, &[r(hdr, 16), w(DATA, 20), w(STATUS, 1)]);
+    let get_id = request(
+        VIRTIO_BLK_T_GET_ID,
+        0,
+        &[r(hdr, 16), w(DATA, 20), w(STATUS, 1)],
+    );
     out.push(("get-id", get_id, Outcome::Accepted("GET_ID")));
 
-    let mut discard = request(VIRTIO_BLK_T_DISCARD, 0, &[r(hdr, 16), r(segs, 32), w(STATUS, 1)]);
+    let mut discard = request(
+        VIRTIO_BLK_T_DISCARD,
+        0,
+        &[r(hdr, 16), r(segs, 32), w(STATUS, 1)],
+    );
     put(&mut discard.image, SEGS, &segment(0, 8, 0));
     put(&mut discard.image, SEGS + 16, &segment(100, 28, 0));
     out.push(("discard-2-segments", discard, Outcome::Accepted("DISCARD")));
 
-    let mut wz = request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[r(hdr, 16), r(segs, 16), w(STATUS, 1)]);
-    put(&mut wz.image, SEGS, &segment(2000, 48, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP));
+    let mut wz = request(
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        0,
+        &[r(hdr, 16), r(segs, 16), w(STATUS, 1)],
+    );
+    put(
+        &mut wz.image,
+        SEGS,
+        &segment(2000, 48, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
+    );
     out.push(("write-zeroes-unmap", wz, Outcome::Accepted("WRITE_ZEROES")));
 
     // READ through an indirect table (virtio 1.2 §2.7.5.3).
     let mut indirect = request(VIRTIO_BLK_T_IN, 64, &[]);
-    for (i, &(addr, len, flags, next)) in
-        linked(&[r(hdr, 16), w(DATA, 2048), w(DATA + 0x1000, 2048), w(STATUS, 1)])
-            .iter()
-            .enumerate()
+    for (i, &(addr, len, flags, next)) in linked(&[
+        r(hdr, 16),
+        w(DATA, 2048),
+        w(DATA + 0x1000, 2048),
+        w(STATUS, 1),
+    ])
+    .iter()
+    .enumerate()
     {
         let mut d = addr.to_le_bytes().to_vec();
         d.extend_from_slice(&len.to_le_bytes());
@@ -157,11 +198,19 @@ pub fn seeds() -> Vec<(&'static str, Input, Outcome)> {
     out.push(("read-indirect", indirect, Outcome::Accepted("READ")));
 
     // Refused on purpose: the status byte is still reported.
-    let mut ro = request(VIRTIO_BLK_T_OUT, 0, &[r(hdr, 16), r(DATA, 512), w(STATUS, 1)]);
+    let mut ro = request(
+        VIRTIO_BLK_T_OUT,
+        0,
+        &[r(hdr, 16), r(DATA, 512), w(STATUS, 1)],
+    );
     ro.limits.read_only = true;
     out.push(("write-read-only", ro, Outcome::Refused(Some(IOERR))));
 
-    let past = request(VIRTIO_BLK_T_IN, 2047, &[r(hdr, 16), w(DATA, 1024), w(STATUS, 1)]);
+    let past = request(
+        VIRTIO_BLK_T_IN,
+        2047,
+        &[r(hdr, 16), w(DATA, 1024), w(STATUS, 1)],
+    );
     out.push(("read-past-capacity", past, Outcome::Refused(Some(IOERR))));
 
     let unknown = request(0x1234, 0, &[r(hdr, 16), w(STATUS, 1)]);
