@@ -257,10 +257,10 @@ fn expect_inner(mem: &GuestMem, descs: &[Desc], limits: &Limits) -> Result<Expec
     let command = match kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let lbs = u64::from(limits.logical_block_size);
-            if len % lbs != 0 {
+            if !len.is_multiple_of(lbs) {
                 return Err("length not in logical blocks");
             }
-            if sector % (lbs / 512) != 0 {
+            if !sector.is_multiple_of(lbs / 512) {
                 return Err("sector not on a logical block");
             }
             if !in_capacity(sector, len / 512) {
@@ -279,7 +279,10 @@ fn expect_inner(mem: &GuestMem, descs: &[Desc], limits: &Limits) -> Result<Expec
         VIRTIO_BLK_T_FLUSH => Command::Flush,
         VIRTIO_BLK_T_GET_ID => Command::GetId,
         _ => {
-            if len == 0 || len % SEGMENT != 0 || len / SEGMENT > u64::from(MAX_DISCARD_SEG) {
+            if len == 0
+                || !len.is_multiple_of(SEGMENT)
+                || len / SEGMENT > u64::from(MAX_DISCARD_SEG)
+            {
                 return Err("not 1..=MAX_DISCARD_SEG segments");
             }
             let bytes = read_stream(mem, &data).ok_or("segments unreadable")?;

@@ -132,7 +132,7 @@ fn release(
     woken.lock().unwrap().clear();
     l.release(gone.ticket);
     let woken = woken.lock().unwrap().clone();
-    for j in 0..t.1.len() {
+    for (j, &waiting) in was_waiting.iter().enumerate() {
         if t.1[j].granted {
             prop_assert!(
                 l.try_grant(&t.1[j].ticket),
@@ -149,7 +149,7 @@ fn release(
             t.1[j].id,
             gone.id
         );
-        if got && was_waiting[j] {
+        if got && waiting {
             prop_assert!(
                 woken.contains(&t.1[j].queue),
                 "request {} of queue {} became grantable when {} left, its queue was not woken",
