@@ -26,6 +26,8 @@ mod scrub;
 mod store;
 
 #[cfg(test)]
+mod ranges_proptests;
+#[cfg(test)]
 mod tests;
 
 pub use error::IntegrityError;

@@ -43,6 +43,8 @@ pub mod policy;
 mod tracker;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 
 pub use tracker::{
