@@ -146,7 +146,7 @@ failures=$(cat "$RESULTS"/report.*.jsonl 2>/dev/null | grep -c '"kind":"checksum
 ((failures == 0)) || fail+=("$failures checksum_failure event(s) in the reports")
 for p in "${pauses[@]}"; do say "restart: $p"; done
 maxlat=$(grep -a -E '^ +clat \((nsec|usec|msec)\):' "$CONSOLE" | tr -d '\r' |
-	awk '{ unit = ($2 ~ /msec/) ? 1000 : ($2 ~ /nsec/) ? 0.001 : 1; for (i = 1; i <= NF; i++) if ($i ~ /^max=/) { v = $i; gsub(/[^0-9.]/, "", v); v *= unit; if (v > m) m = v } } END { printf "%.0f ms", m / 1000 }')
+	awk '{ unit = ($2 ~ /msec/) ? 1000 : ($2 ~ /nsec/) ? 0.001 : 1; for (i = 1; i <= NF; i++) if ($i ~ /^max=/) { v = $i; k = (v ~ /k,?$/) ? 1000 : (v ~ /m,?$/) ? 1000000 : 1; gsub(/[^0-9.]/, "", v); v *= unit * k; if (v > m) m = v } } END { printf "%.0f ms", m / 1000 }')
 say "longest fio completion latency (the guest's longest I/O pause): $maxlat"
 if ((${#fail[@]})); then
 	for f in "${fail[@]}"; do say "FAIL: $f"; done

@@ -16,6 +16,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::Device;
+use crate::inflight::InflightRegion;
 use crate::worker::{GuestMemAtomic, QueueWorker, Vring, WorkerError};
 
 /// Backend state of one connection.
@@ -23,6 +24,9 @@ pub struct BlkBackend {
     dev: Arc<Device>,
     workers: Vec<Mutex<QueueWorker>>,
     exit: Vec<(EventConsumer, EventNotifier)>,
+    /// The inflight I/O tracking record (vhost-user), once the frontend
+    /// asked for one (GET_INFLIGHT_FD) or handed one back (SET_INFLIGHT_FD).
+    inflight: Mutex<Option<Arc<InflightRegion>>>,
 }
 
 impl BlkBackend {
@@ -42,7 +46,12 @@ impl BlkBackend {
                     .map_err(|source| WorkerError::Setup { queue: i, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(BlkBackend { dev, workers, exit })
+        Ok(BlkBackend {
+            dev,
+            workers,
+            exit,
+            inflight: Mutex::new(None),
+        })
     }
 
     /// The event id under which a worker's completion eventfd is registered.
@@ -123,6 +132,60 @@ impl VhostUserBackend for BlkBackend {
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (c, n) = self.exit.get(thread_index)?;
         Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn get_inflight_fd(
+        &self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> std::io::Result<(std::fs::File, u64)> {
+        let region =
+            InflightRegion::create(num_queues, queue_size).map_err(std::io::Error::other)?;
+        let file = region.file().try_clone()?;
+        let size = region.size();
+        log::info!(
+            "inflight I/O tracking: new {size}-byte record for {num_queues} queue(s) of {queue_size}"
+        );
+        *self.inflight.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
+        Ok((file, size))
+    }
+
+    fn set_inflight_fd(
+        &self,
+        file: std::fs::File,
+        mmap_size: u64,
+        mmap_offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> std::io::Result<()> {
+        let region = InflightRegion::open(file, mmap_offset, mmap_size, num_queues, queue_size)
+            .map_err(|e| {
+                log::error!("SET_INFLIGHT_FD refused: {e}");
+                std::io::Error::other(e)
+            })?;
+        *self.inflight.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
+        Ok(())
+    }
+
+    fn vring_started(&self, queue_index: u16, vring: &Vring) -> std::io::Result<()> {
+        let region = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (Some(region), Some(w)) = (region, self.workers.get(usize::from(queue_index))) else {
+            return Ok(());
+        };
+        let Some(part) = region.queue(queue_index) else {
+            log::warn!(
+                "inflight record has {} queue(s); queue {queue_index} is not tracked",
+                region.num_queues()
+            );
+            return Ok(());
+        };
+        w.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .start_inflight(part, vring)
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {

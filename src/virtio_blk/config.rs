@@ -61,6 +61,7 @@ impl DeviceConfig {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     /// Most data descriptors in one request (`seg_max`): QEMU's choice, queue size - 2.

@@ -11,6 +11,7 @@
 //! R4 and the checksum store at completion), `events.rs` (report events).
 
 mod events;
+mod inflight;
 mod integrity;
 mod job;
 mod lifecycle;
@@ -65,6 +66,8 @@ pub struct QueueWorker {
     scratch: Vec<u8>,
     /// Reused buffer of reaped completions.
     completions: Vec<(Tag, i32)>,
+    /// Inflight I/O tracking (vhost-user), when the frontend set a record.
+    tracking: inflight::Tracking,
 }
 
 impl QueueWorker {
@@ -150,6 +153,7 @@ impl QueueWorker {
             rng: fastrand::Rng::new(),
             scratch: Vec::new(),
             completions: Vec::new(),
+            tracking: inflight::Tracking::default(),
         })
     }
 
@@ -179,6 +183,7 @@ impl QueueWorker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        self.resubmit_inflight(vring);
         loop {
             if self.event_idx {
                 if let Err(e) = vring.disable_notification() {
@@ -195,6 +200,7 @@ impl QueueWorker {
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
+                self.inflight_mark(chain.head_index());
                 self.start(mem, chain);
                 popped += 1;
             }
@@ -236,6 +242,7 @@ impl QueueWorker {
         // Reset the eventfd before reaping: a completion posted after this
         // read signals it again, so none is missed.
         let _ = self.engine.completion_fd().read();
+        self.resubmit_inflight(vring);
         self.reap();
         self.retry_parked(false);
         self.engine.submit();
@@ -335,11 +342,13 @@ impl QueueWorker {
         }
         let vring = self
             .vring
-            .as_ref()
+            .clone()
             .expect("vring is known once a chain was popped");
+        self.inflight_pre_put(head);
         if let Err(e) = vring.add_used(head, used_len) {
             log::error!("queue {}: cannot add used element {head}: {e}", self.index);
         }
+        self.inflight_post_put(head, &vring);
         self.needs_signal = true;
     }
 }

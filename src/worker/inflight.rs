@@ -1,0 +1,98 @@
+//! The worker's side of vhost-user inflight I/O tracking (issue 16,
+//! docs/DESIGN.md §12): each popped head is marked in the record before
+//! it is parsed, its used element is put between `pre_put` and
+//! `post_put`, and when the queue starts with a record that names heads
+//! still in flight (pinblk died or was replaced), they are processed again,
+//! oldest first, before any new avail entry.
+
+use std::collections::VecDeque;
+
+use vhost_user_backend::VringT;
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace};
+
+use super::{QueueWorker, Vring};
+use crate::inflight::QueueInflight;
+
+/// This queue's part of the record and the heads still to resubmit.
+#[derive(Default)]
+pub(super) struct Tracking {
+    part: Option<QueueInflight>,
+    resubmit: VecDeque<u16>,
+}
+
+impl QueueWorker {
+    /// Starts tracking with `part`, this queue's part of the inflight record,
+    /// when the vring starts (after `SET_VRING_KICK`): reads it against the
+    /// guest's used index, sets the next avail index the record implies
+    /// (overriding `SET_VRING_BASE`, which after a crash is only the used
+    /// index) and queues the heads still in flight for resubmission, which
+    /// begins at once (the worker wakes itself; no kick is needed).
+    ///
+    /// # Errors
+    /// The guest's used index cannot be read (rings outside guest memory).
+    pub fn start_inflight(
+        &mut self,
+        mut part: QueueInflight,
+        vring: &Vring,
+    ) -> std::io::Result<()> {
+        let used = vring
+            .queue_used_idx()
+            .map_err(|e| std::io::Error::other(format!("cannot read the used index: {e}")))?;
+        let rec = part.recover(used);
+        vring.set_queue_next_avail(rec.next_avail);
+        if !rec.resubmit.is_empty() {
+            log::info!(
+                "queue {}: inflight record names {} request(s) popped and not completed \
+                 before the restart; processing them again, oldest first (heads {:?})",
+                self.index,
+                rec.resubmit.len(),
+                rec.resubmit
+            );
+            let _ = self.engine.completion_fd().write(1);
+        }
+        self.tracking = Tracking {
+            part: Some(part),
+            resubmit: rec.resubmit.into(),
+        };
+        self.vring = Some(vring.clone());
+        Ok(())
+    }
+
+    /// Step 1 of the record: `head` was popped.
+    pub(super) fn inflight_mark(&mut self, head: u16) {
+        if let Some(p) = &mut self.tracking.part {
+            p.mark(head);
+        }
+    }
+
+    /// Step 2: `head`'s used element is about to be written.
+    pub(super) fn inflight_pre_put(&mut self, head: u16) {
+        if let Some(p) = &mut self.tracking.part {
+            p.pre_put(head);
+        }
+    }
+
+    /// Step 4: `head`'s used element is published.
+    pub(super) fn inflight_post_put(&mut self, head: u16, vring: &Vring) {
+        if let Some(p) = &mut self.tracking.part {
+            let used = vring.get_ref().get_queue().next_used();
+            p.post_put(head, used);
+        }
+    }
+
+    /// Starts every head the record says is still in flight (already
+    /// marked: not marked again, so the record keeps their order).
+    pub(super) fn resubmit_inflight(&mut self, vring: &Vring) {
+        while let Some(head) = self.tracking.resubmit.pop_front() {
+            let mem = self.mem.memory().into_inner();
+            let (desc_table, size) = {
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                (q.desc_table(), q.size())
+            };
+            let chain = DescriptorChain::new(mem.clone(), GuestAddress(desc_table), size, head);
+            self.start(mem, chain);
+        }
+    }
+}
