@@ -109,11 +109,12 @@ impl VhostUserBackend for BlkBackend {
         self.dev.config().read_config(offset, size)
     }
 
-    fn update_memory(&self, _mem: GuestMemAtomic) -> std::io::Result<()> {
+    fn update_memory(&self, mem: GuestMemAtomic) -> std::io::Result<()> {
         // The workers read guest memory through the same `GuestMemoryAtomic`
         // the daemon updates (a clone given to `BlkBackend::new`), taking a
-        // snapshot per popped chain: nothing to do here.
-        Ok(())
+        // snapshot per popped chain. Regions larger than their files are
+        // taken out again and refused; the rest is watched for SIGBUS.
+        crate::sigbus::accept_memory(&mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
