@@ -302,9 +302,10 @@ pub fn lost(mem: &Mem, ranges: impl IntoIterator<Item = (u64, u64)>) -> bool {
 
 /// Whether any byte of the host-virtual range `host..host+len` is lost.
 fn host_lost(host: usize, len: usize) -> bool {
-    SLOTS.iter().filter_map(Slot::read).any(|(s, e, _, lost)| {
-        host >= s && host < e && lost < host.saturating_add(len)
-    })
+    SLOTS
+        .iter()
+        .filter_map(Slot::read)
+        .any(|(s, e, _, lost)| host >= s && host < e && lost < host.saturating_add(len))
 }
 
 /// SIGBUS faults on guest memory absorbed since start (for logs).

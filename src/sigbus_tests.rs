@@ -47,7 +47,10 @@ fn a_region_larger_than_its_file_is_refused_and_taken_out() {
     let err = accept_memory(&atomic).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     let msg = err.to_string();
-    assert!(msg.contains("0x100000") && msg.contains("16384 bytes"), "{msg}");
+    assert!(
+        msg.contains("0x100000") && msg.contains("16384 bytes"),
+        "{msg}"
+    );
     let now = atomic.memory();
     assert_eq!(now.num_regions(), 1, "the short region is taken out");
     assert!(now.find_region(GuestAddress(1 << 20)).is_none());
@@ -85,8 +88,14 @@ fn a_truncated_file_is_survived_and_its_tail_reported_lost() {
     m.write_slice(&[9u8; 16], GuestAddress(gpa + 15 * PAGE))
         .unwrap();
     assert!(lost(&m, [(gpa + 8 * PAGE, 512)]));
-    assert!(lost(&m, [(gpa + 7 * PAGE, 2 * PAGE)]), "a range reaching into the tail");
-    assert!(!lost(&m, [(gpa, 4 * PAGE)]), "the start of the region still holds");
+    assert!(
+        lost(&m, [(gpa + 7 * PAGE, 2 * PAGE)]),
+        "a range reaching into the tail"
+    );
+    assert!(
+        !lost(&m, [(gpa, 4 * PAGE)]),
+        "the start of the region still holds"
+    );
     // Below the fault the file still backs the mapping.
     m.write_slice(&[3u8; 8], GuestAddress(gpa)).unwrap();
     let mut b = [0u8; 8];

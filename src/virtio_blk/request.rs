@@ -254,7 +254,9 @@ where
                 Command::Discard(_) | Command::WriteZeroes(_) | Command::Flush => Vec::new(),
                 _ => raw.data,
             };
-            let data_len = data.iter().map(|r| r.len).sum();
+            let data_len: u64 = data.iter().map(|r| u64::from(r.len)).sum();
+            // `check` refused 4 GiB or more.
+            let data_len = u32::try_from(data_len).expect("checked against u32::MAX");
             Ok(Request {
                 head: raw.head,
                 status_addr: raw.status_addr,
