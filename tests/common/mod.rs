@@ -2,6 +2,8 @@
 //! talk to it with libblkio (`blkio` crate, driver `virtio-blk-vhost-user`).
 #![allow(dead_code)]
 
+pub mod frontend;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
