@@ -11,7 +11,7 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK}
 use super::events::emit;
 use super::job::{Io, Job, Stage};
 use super::QueueWorker;
-use crate::guest::{read_ranges, SECTOR_SIZE};
+use crate::guest::{read_ranges, take_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
 use crate::integrity::{crc32c, BLOCK_SIZE};
 use crate::report::{
@@ -19,7 +19,12 @@ use crate::report::{
     ReportOp, TornWriteAction, TornWriteEvent,
 };
 use crate::rule::Rule;
+use crate::sigbus;
 use crate::virtio_blk::Command;
+
+/// Bytes of guest data copied at a time to be checksummed: the size of the
+/// worker's scratch buffer, whatever the request's size (a multiple of 4 KiB).
+pub(super) const CHECKSUM_WINDOW: usize = 1 << 20;
 
 /// CRC32C of each 4 KiB chunk of `data` (the last chunk may be shorter).
 fn chunk_crcs(data: &[u8]) -> Vec<u32> {
@@ -27,26 +32,50 @@ fn chunk_crcs(data: &[u8]) -> Vec<u32> {
 }
 
 impl QueueWorker {
-    /// The bytes of `f`'s data buffer as they are now: its bounce buffer, or a
-    /// copy of guest memory into the worker's scratch buffer.
-    fn data_now<'a>(scratch: &'a mut Vec<u8>, f: &'a Job) -> Option<&'a [u8]> {
+    /// Hands `each(offset, bytes)` the bytes of `f`'s data buffer as they
+    /// are now, in order: its bounce buffer whole, or windows of guest
+    /// memory copied into `scratch` (at most [`CHECKSUM_WINDOW`] bytes, so
+    /// the scratch buffer never grows with the request). A window ends where
+    /// `base + offset` is a multiple of 4 KiB (`base` = 0: chunks of the
+    /// buffer; `base` = the image offset: image blocks), so no 4 KiB chunk
+    /// spans two windows. `false` (after a log line) if guest memory cannot
+    /// be read or was lost under the copy ([`crate::sigbus`]), or if `each`
+    /// returns `false`.
+    fn each_window(
+        scratch: &mut Vec<u8>,
+        f: &Job,
+        base: u64,
+        mut each: impl FnMut(u64, &[u8]) -> bool,
+    ) -> bool {
         if let Some(b) = f.bounce() {
-            return Some(b.bytes());
+            return each(0, b.bytes());
         }
-        let len = f.req.data_len as usize;
-        if scratch.len() < len {
-            scratch.resize(len, 0);
+        let len = u64::from(f.req.data_len);
+        if scratch.len() < CHECKSUM_WINDOW {
+            scratch.resize(CHECKSUM_WINDOW, 0);
         }
-        match read_ranges(&*f.mem, &f.req.data, 0, &mut scratch[..len]) {
-            Ok(()) => Some(&scratch[..len]),
-            Err(e) => {
+        let mut off = 0u64;
+        while off < len {
+            let to_edge = CHECKSUM_WINDOW as u64 - (base + off) % BLOCK_SIZE;
+            let n = to_edge.min(len - off) as usize;
+            let window = &mut scratch[..n];
+            if let Err(e) = read_ranges(&*f.mem, &f.req.data, off, window) {
                 log::warn!(
                     "request {}: cannot read guest buffer to checksum it: {e}",
                     f.id
                 );
-                None
+                return false;
             }
+            let ranges = take_ranges(&f.req.data, off, n as u64);
+            if sigbus::lost(&f.mem, ranges.iter().map(|r| (r.addr, u64::from(r.len)))) {
+                return false;
+            }
+            if !each(off, window) {
+                return false;
+            }
+            off += n as u64;
         }
+        true
     }
 
     /// At submission of a WRITE (its range lock held): the CRC32C of every
@@ -65,27 +94,39 @@ impl QueueWorker {
             return;
         }
         let offset = f.req.sector().bytes();
-        let Some(data) = Self::data_now(&mut self.scratch, f) else {
+        let len = u64::from(f.req.data_len);
+        let mut crcs = Vec::with_capacity(len.div_ceil(BLOCK_SIZE) as usize);
+        if !Self::each_window(&mut self.scratch, f, 0, |_, w| {
+            crcs.extend(chunk_crcs(w));
+            true
+        }) {
             return;
-        };
-        let crcs = chunk_crcs(data);
-        let aligned =
-            offset.is_multiple_of(BLOCK_SIZE) && (data.len() as u64).is_multiple_of(BLOCK_SIZE);
-        let merged = if aligned || data.is_empty() {
-            Vec::new()
-        } else {
+        }
+        let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
+        let mut merged = Vec::new();
+        if !aligned && len > 0 {
             let image = dev.image().file();
-            match store.checksums_with(offset, &[data], |off, buf| image.read_exact_at(buf, off)) {
-                Ok(m) => m,
-                Err(e) => {
-                    log::warn!(
-                        "request {}: cannot read the rest of a partly written block: {e}",
-                        f.id
-                    );
-                    Vec::new()
+            let read_rest = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
+            let id = f.id;
+            // Windows end on image blocks: each block is merged whole once.
+            let ok = Self::each_window(&mut self.scratch, f, offset, |off, w| {
+                match store.checksums_with(offset + off, &[w], read_rest) {
+                    Ok(m) => {
+                        merged.extend(m);
+                        true
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "request {id}: cannot read the rest of a partly written block: {e}"
+                        );
+                        false
+                    }
                 }
+            });
+            if !ok {
+                merged.clear();
             }
-        };
+        }
         if let Io::Transfer(t) = &mut f.io {
             t.submitted_crcs = crcs;
             t.block_crcs = merged;
@@ -183,10 +224,13 @@ impl QueueWorker {
     /// submission; each changed 4 KiB chunk is a `torn_write`, with what
     /// reached the disk read back from the image.
     fn check_torn(&mut self, f: &Job) {
-        let Some(now) = Self::data_now(&mut self.scratch, f) else {
+        let mut later = Vec::with_capacity(f.transfer().map_or(0, |t| t.submitted_crcs.len()));
+        if !Self::each_window(&mut self.scratch, f, 0, |_, w| {
+            later.extend(chunk_crcs(w));
+            true
+        }) {
             return;
-        };
-        let later = chunk_crcs(now);
+        }
         let offset = f.req.sector().bytes();
         let submitted = f.transfer().map_or(&[][..], |t| &t.submitted_crcs[..]);
         for (i, (&sub, &lat)) in submitted.iter().zip(&later).enumerate() {
@@ -243,16 +287,23 @@ impl QueueWorker {
         let dev = self.dev.clone();
         let store = dev.store().expect("checked by caller");
         let offset = f.req.sector().bytes();
-        let mismatches = match Self::data_now(&mut self.scratch, f) {
-            Some(data) => match store.verify(offset, &[data]) {
-                Ok(m) => m,
-                Err(e) => {
-                    log::error!("request {}: verify: {e}", f.id);
-                    return;
+        let mut mismatches = Vec::new();
+        let id = f.id;
+        // Windows end on image blocks: no block is split between two.
+        if !Self::each_window(&mut self.scratch, f, offset, |off, w| {
+            match store.verify(offset + off, &[w]) {
+                Ok(m) => {
+                    mismatches.extend(m);
+                    true
                 }
-            },
-            None => return,
-        };
+                Err(e) => {
+                    log::error!("request {id}: verify: {e}");
+                    false
+                }
+            }
+        }) {
+            return;
+        }
         for m in mismatches {
             let blen = store.block_len(m.block);
             let mut buf = vec![0u8; blen];

@@ -14,6 +14,7 @@ mod events;
 mod integrity;
 mod job;
 mod lifecycle;
+mod memory;
 mod park;
 
 use std::sync::atomic::Ordering;

@@ -619,6 +619,60 @@ fn chain_longer_than_4gib_is_not_ok() {
     });
 }
 
+#[test]
+fn chain_of_exactly_4gib_completes_with_length_0_and_touches_no_byte() {
+    // Issue 13 findings 6 and 7: 16 + 512 x 8 MiB - 17 + 1 bytes = 2^32.
+    // virtio-queue never yields the status descriptor; the chain is
+    // completed (used length 0, counted as dropped) and neither the status
+    // byte nor the last data byte seen is written.
+    let (mut b, gm) = Backend::new(false);
+    let mut d = b.driver(&gm);
+    let h = d.header(VIRTIO_BLK_T_IN, 0);
+    let s = d.status();
+    let mut descs = vec![r(h, 16)];
+    descs.extend((0..511).map(|_| w(BUF_END, 0x80_0000)));
+    descs.push(w(BUF_END, 0x80_0000 - 17));
+    descs.push(w(s, 1));
+    let head = d.add_indirect(&descs);
+    let io = Io {
+        head,
+        data: BUF_END,
+        status: s,
+    };
+    let before = d.bytes(BUF_END, 0x80_0000);
+    b.run();
+    assert_eq!(d.used()[&io.head], 0);
+    assert_eq!(d.status_of(&io), UNSET, "no status byte is known");
+    assert_eq!(d.bytes(BUF_END, 0x80_0000), before, "no data byte written");
+    assert_eq!(b.dev.counters().dropped, 1);
+    // The queue goes on.
+    let ok = d.read(8, 4096);
+    b.run();
+    d.expect(&ok, OK, 4097);
+}
+
+#[test]
+fn read_over_the_largest_transfer_is_ioerr() {
+    // 33 descriptors of 1 MiB over one guest MiB: 33 MiB, over the 32 MiB
+    // largest transfer (size_max x seg_max offered): IOERR, no I/O.
+    let (mut b, gm) = Backend::new(false);
+    let mut d = b.driver(&gm);
+    let h = d.header(VIRTIO_BLK_T_IN, 0);
+    let s = d.status();
+    let mut descs = vec![r(h, 16)];
+    descs.extend((0..33).map(|_| w(BUF_END, 1 << 20)));
+    descs.push(w(s, 1));
+    let head = d.add_indirect(&descs);
+    let io = Io {
+        head,
+        data: BUF_END,
+        status: s,
+    };
+    b.run();
+    d.expect(&io, IOERR, 1);
+    assert_eq!(b.dev.counters().bytes_read, 0);
+}
+
 /// EVENT_IDX on, and the avail index moved more than the queue size ahead
 /// (a hostile driver): no chain can be popped, yet the index differs from
 /// where the device stopped. The kick must return (it used to spin forever
