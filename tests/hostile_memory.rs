@@ -160,8 +160,13 @@ fn finding5_memfd_truncated_under_requests_fails_them_and_serves_the_others() {
     let hr = f.write_request(0, Arena::first_desc(11), &rd);
     f.publish(0, &[hw, hr]);
     f.kick(0);
-    f.wait_used(0, 4, WAIT)
-        .unwrap_or_else(|_| panic!("requests on lost memory completed: {}", server.log_text()));
+    if f.wait_used(0, 4, WAIT).is_err() {
+        let exit = server.child.try_wait().unwrap();
+        panic!(
+            "requests on lost memory never completed; pinblk exit: {exit:?}: {}",
+            server.log_text()
+        );
+    }
     alive(&mut server);
     assert_eq!(f.read_u8(wr.status), VIRTIO_BLK_S_IOERR);
     assert_eq!(f.read_u8(rd.status), VIRTIO_BLK_S_IOERR);
