@@ -130,7 +130,7 @@ static TRACKER: Mutex<Tracker> = Mutex::new(Tracker {
 pub fn accept_memory(mem: &GuestMemoryAtomic<Mem>) -> io::Result<()> {
     install();
     let snapshot = mem.memory().into_inner();
-    watch(&snapshot);
+    watch(Some(&snapshot));
     let bad: Vec<(GuestAddress, u64, String)> = snapshot
         .iter()
         .filter_map(|r| region_fits(r).err().map(|e| (r.start_addr(), r.len(), e)))
@@ -147,7 +147,7 @@ pub fn accept_memory(mem: &GuestMemoryAtomic<Mem>) -> io::Result<()> {
     }
     if let Some(m) = kept {
         mem.lock().unwrap_or_else(|p| p.into_inner()).replace(m);
-        watch(&mem.memory().into_inner());
+        watch(Some(&mem.memory().into_inner()));
     }
     let why: Vec<String> = bad.into_iter().map(|(_, _, e)| e).collect();
     let msg = format!("memory table refused: {}", why.join("; "));
@@ -185,13 +185,23 @@ fn region_fits(r: &GuestRegionMmap<()>) -> Result<(), String> {
     }
 }
 
+/// Forgets the regions no memory snapshot maps any more. [`accept_memory`]
+/// does it at every memory-table change; call it also when a connection's
+/// memory is gone (so that a later mapping at a reused address is not taken
+/// for guest memory by the SIGBUS handler).
+pub fn forget_unmapped() {
+    watch(None);
+}
+
 /// Registers the regions of `snapshot` and forgets regions no live snapshot maps.
-fn watch(snapshot: &Arc<Mem>) {
+fn watch(snapshot: Option<&Arc<Mem>>) {
     let mut t = TRACKER.lock().unwrap_or_else(|p| p.into_inner());
     if t.keys.is_empty() {
         t.keys = vec![None; MAX_WATCHED_REGIONS];
     }
-    t.snapshots.push(Arc::downgrade(snapshot));
+    if let Some(s) = snapshot {
+        t.snapshots.push(Arc::downgrade(s));
+    }
     let live: Vec<Arc<Mem>> = t.snapshots.iter().filter_map(Weak::upgrade).collect();
     t.snapshots = live.iter().map(Arc::downgrade).collect();
     let mut mapped: Vec<(Key, usize)> = Vec::new();
@@ -277,11 +287,14 @@ fn file_identity(r: &GuestRegionMmap<()>) -> (u64, u64, usize) {
 /// Whether any byte of the guest-physical ranges `(address, length in
 /// bytes)` of `mem` lies in memory replaced after a SIGBUS. Ranges outside
 /// `mem` are not lost (other checks refuse them). One atomic load while no
-/// SIGBUS ever happened.
+/// SIGBUS ever happened; after one, one scan of the watched regions per
+/// region of `mem` the ranges touch.
 pub fn lost(mem: &Mem, ranges: impl IntoIterator<Item = (u64, u64)>) -> bool {
     if FAULTS.load(Ordering::Acquire) == 0 {
         return false;
     }
+    // (host start of a region of `mem`, host address from which it is lost)
+    let mut seen: Vec<(usize, usize)> = Vec::new();
     for (gpa, len) in ranges {
         let end = gpa.saturating_add(len);
         let mut a = gpa;
@@ -289,9 +302,18 @@ pub fn lost(mem: &Mem, ranges: impl IntoIterator<Item = (u64, u64)>) -> bool {
             let Some(r) = mem.find_region(GuestAddress(a)) else {
                 break;
             };
+            let base = r.as_ptr() as usize;
+            let lost_from = match seen.iter().find(|(b, _)| *b == base) {
+                Some(&(_, l)) => l,
+                None => {
+                    let l = lost_from(base);
+                    seen.push((base, l));
+                    l
+                }
+            };
             let off = a - r.start_addr().0;
             let n = (end - a).min(r.len() - off);
-            if host_lost(r.as_ptr() as usize + off as usize, n as usize) {
+            if lost_from < (base + off as usize).saturating_add(n as usize) {
                 return true;
             }
             a += n;
@@ -300,12 +322,14 @@ pub fn lost(mem: &Mem, ranges: impl IntoIterator<Item = (u64, u64)>) -> bool {
     false
 }
 
-/// Whether any byte of the host-virtual range `host..host+len` is lost.
-fn host_lost(host: usize, len: usize) -> bool {
+/// The host-virtual address from which the watched region starting at
+/// `base` is lost (`usize::MAX`: nothing lost, or not watched).
+fn lost_from(base: usize) -> usize {
     SLOTS
         .iter()
         .filter_map(Slot::read)
-        .any(|(s, e, _, lost)| host >= s && host < e && lost < host.saturating_add(len))
+        .find(|&(s, _, _, _)| s == base)
+        .map_or(usize::MAX, |(_, _, _, l)| l)
 }
 
 /// SIGBUS faults on guest memory absorbed since start (for logs).
@@ -516,6 +540,7 @@ mod tests {
     fn a_sigbus_outside_guest_memory_still_kills() {
         install();
         let f = memfd(2 * PAGE);
+        forget_unmapped();
         // SAFETY: the child only calls async-signal-safe functions (mmap,
         // ftruncate, a volatile load, _exit) before it exits.
         let pid = unsafe { libc::fork() };
@@ -523,11 +548,13 @@ mod tests {
         if pid == 0 {
             // SAFETY: a shared mapping of our own memfd, never registered.
             unsafe {
+                // At a fixed address far from anything mapped, so that no
+                // stale entry of another test's (unmapped) region covers it.
                 let p = libc::mmap(
-                    std::ptr::null_mut(),
+                    0x6d00_0000_0000usize as *mut libc::c_void,
                     2 * PAGE as usize,
                     libc::PROT_READ,
-                    libc::MAP_SHARED,
+                    libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
                     std::os::fd::AsRawFd::as_raw_fd(&f),
                     0,
                 );
