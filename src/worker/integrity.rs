@@ -13,7 +13,7 @@ use super::job::{Io, Job, Stage};
 use super::QueueWorker;
 use crate::guest::{read_ranges, take_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
-use crate::integrity::{crc32c, BLOCK_SIZE};
+use crate::integrity::{crc32c, crc32c_append, BLOCK_SIZE};
 use crate::report::{
     gpa_range, Algorithm, BlockCsum, ChecksumAction, ChecksumFailureEvent, Crc, Event, Outcome,
     ReportOp, TornWriteAction, TornWriteEvent,
@@ -26,9 +26,44 @@ use crate::virtio_blk::Command;
 /// worker's scratch buffer, whatever the request's size (a multiple of 4 KiB).
 pub(super) const CHECKSUM_WINDOW: usize = 1 << 20;
 
-/// CRC32C of each 4 KiB chunk of `data` (the last chunk may be shorter).
-fn chunk_crcs(data: &[u8]) -> Vec<u32> {
-    data.chunks(BLOCK_SIZE as usize).map(crc32c).collect()
+/// CRC32C of each 4 KiB chunk of a byte stream fed in pieces of any size
+/// (the last chunk may be shorter).
+struct ChunkCrcs {
+    crcs: Vec<u32>,
+    crc: u32,
+    filled: usize,
+}
+
+impl ChunkCrcs {
+    /// For a stream of `len` bytes.
+    fn with_len(len: u64) -> ChunkCrcs {
+        ChunkCrcs {
+            crcs: Vec::with_capacity(len.div_ceil(BLOCK_SIZE) as usize),
+            crc: 0,
+            filled: 0,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let n = (BLOCK_SIZE as usize - self.filled).min(data.len());
+            self.crc = crc32c_append(self.crc, &data[..n]);
+            self.filled += n;
+            data = &data[n..];
+            if self.filled == BLOCK_SIZE as usize {
+                self.crcs.push(self.crc);
+                (self.crc, self.filled) = (0, 0);
+            }
+        }
+    }
+
+    /// The CRC of each chunk, in order.
+    fn finish(mut self) -> Vec<u32> {
+        if self.filled > 0 {
+            self.crcs.push(self.crc);
+        }
+        self.crcs
+    }
 }
 
 impl QueueWorker {
@@ -95,37 +130,37 @@ impl QueueWorker {
         }
         let offset = f.req.sector().bytes();
         let len = u64::from(f.req.data_len);
-        let mut crcs = Vec::with_capacity(len.div_ceil(BLOCK_SIZE) as usize);
-        if !Self::each_window(&mut self.scratch, f, 0, |_, w| {
-            crcs.extend(chunk_crcs(w));
-            true
-        }) {
-            return;
-        }
         let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
+        // One copy of the guest bytes serves both: the chunk CRCs (R3) and,
+        // for partial blocks, the merged block checksums the store takes.
+        // Windows end on image blocks: each block is merged whole once.
+        let mut chunks = ChunkCrcs::with_len(len);
         let mut merged = Vec::new();
-        if !aligned && len > 0 {
-            let image = dev.image().file();
-            let read_rest = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
-            let id = f.id;
-            // Windows end on image blocks: each block is merged whole once.
-            let ok = Self::each_window(&mut self.scratch, f, offset, |off, w| {
+        let mut merge_failed = false;
+        let image = dev.image().file();
+        let read_rest = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
+        let id = f.id;
+        let copied = Self::each_window(&mut self.scratch, f, offset, |off, w| {
+            chunks.feed(w);
+            if !aligned && !merge_failed {
                 match store.checksums_with(offset + off, &[w], read_rest) {
-                    Ok(m) => {
-                        merged.extend(m);
-                        true
-                    }
+                    Ok(m) => merged.extend(m),
                     Err(e) => {
                         log::warn!(
                             "request {id}: cannot read the rest of a partly written block: {e}"
                         );
-                        false
+                        merge_failed = true;
                     }
                 }
-            });
-            if !ok {
-                merged.clear();
             }
+            true
+        });
+        if !copied {
+            return;
+        }
+        let crcs = chunks.finish();
+        if merge_failed {
+            merged.clear();
         }
         if let Io::Transfer(t) = &mut f.io {
             t.submitted_crcs = crcs;
@@ -224,13 +259,14 @@ impl QueueWorker {
     /// submission; each changed 4 KiB chunk is a `torn_write`, with what
     /// reached the disk read back from the image.
     fn check_torn(&mut self, f: &Job) {
-        let mut later = Vec::with_capacity(f.transfer().map_or(0, |t| t.submitted_crcs.len()));
+        let mut chunks = ChunkCrcs::with_len(u64::from(f.req.data_len));
         if !Self::each_window(&mut self.scratch, f, 0, |_, w| {
-            later.extend(chunk_crcs(w));
+            chunks.feed(w);
             true
         }) {
             return;
         }
+        let later = chunks.finish();
         let offset = f.req.sector().bytes();
         let submitted = f.transfer().map_or(&[][..], |t| &t.submitted_crcs[..]);
         for (i, (&sub, &lat)) in submitted.iter().zip(&later).enumerate() {
@@ -375,4 +411,21 @@ fn guest_ranges_of(f: &Job, mut start: u64, mut len: u64) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChunkCrcs;
+    use crate::integrity::crc32c;
+
+    #[test]
+    fn chunk_crcs_do_not_depend_on_how_the_stream_is_cut() {
+        let data: Vec<u8> = (0..3 * 4096 + 700).map(|i| (i * 7 % 251) as u8).collect();
+        let want: Vec<u32> = data.chunks(4096).map(crc32c).collect();
+        for cut in [1usize, 512, 4095, 4096, 5000, data.len()] {
+            let mut c = ChunkCrcs::with_len(data.len() as u64);
+            data.chunks(cut).for_each(|p| c.feed(p));
+            assert_eq!(c.finish(), want, "pieces of {cut}");
+        }
+    }
 }
