@@ -47,3 +47,99 @@ fn frontend_smoke_write_read_flush() {
     assert_eq!(used, want);
     assert_eq!(f.get_vring_base(0).unwrap(), 3);
 }
+
+/// A pinblk on a 4 MiB image with `extra` options, and a frontend on 4 MiB
+/// of guest memory (EVENT_IDX if `event_idx`) with queue 0 started on a
+/// ring of `size` entries at GPA 0.
+fn setup(extra: &[&str], event_idx: bool, size: u16) -> (Server, TestFrontend) {
+    let server = Server::start(4 * MIB, extra);
+    let mut layout = GuestLayout::new(4 * MIB);
+    layout.event_idx = event_idx;
+    let mut f = TestFrontend::connect(&server.socket, layout);
+    f.start_queue(0, RingLayout::at(0, size)).unwrap();
+    (server, f)
+}
+
+/// The arena for requests of queue 0 after a ring of `size` entries at GPA
+/// 0: headers from 1 MiB, 4 KiB data buffers from 2 MiB.
+fn arena(stride: u32) -> Arena {
+    Arena {
+        meta: MIB,
+        data: 2 * MIB,
+        stride,
+    }
+}
+
+/// Writes READ `n` (of `len` bytes at sector 8n modulo the image) on queue 0.
+fn put_read(f: &TestFrontend, a: &Arena, n: u16) -> u16 {
+    f.write_request(
+        0,
+        Arena::first_desc(n),
+        &a.read(n, (8 * u64::from(n)) % 4096),
+    )
+}
+
+/// Checks the used ring of queue 0 after a ring stop: exactly `base`
+/// requests were popped (`base` = GET_VRING_BASE's answer, requests
+/// published in order from avail index 0), and each of them, and nothing
+/// else, is in the used ring with its status written: no popped head lost.
+fn assert_no_head_lost(f: &TestFrontend, a: &Arena, heads: &[u16], base: u32) {
+    let used = f.used_idx(0);
+    assert_eq!(
+        u32::from(used),
+        base,
+        "GET_VRING_BASE said {base} requests were popped, the used ring holds {used}"
+    );
+    let mut got: Vec<u16> = (0..used).map(|i| f.used_elem(0, i).0 as u16).collect();
+    got.sort_unstable();
+    let mut want: Vec<u16> = heads[..base as usize].to_vec();
+    want.sort_unstable();
+    assert_eq!(got, want, "the used heads are not the popped ones");
+    for n in 0..base as u16 {
+        assert_eq!(
+            f.read_u8(a.read(n, 0).status),
+            VIRTIO_BLK_S_OK,
+            "status of request {n}"
+        );
+    }
+}
+
+/// Finding 1 (issue 13): GET_VRING_BASE while the ring holds ~250 valid
+/// READs in flight, EVENT_IDX negotiated. The ring stop answers within 10 s
+/// and every popped request is in the used ring before the answer.
+#[test]
+fn get_vring_base_with_250_requests_in_flight_under_event_idx() {
+    let (server, mut f) = setup(
+        &["--queue-size", "1024", "--inject-read-delay", "300ms"],
+        true,
+        1024,
+    );
+    let a = arena(4096);
+    let heads: Vec<u16> = (0..250).map(|n| put_read(&f, &a, n)).collect();
+    // Published at once and kicked; the ring stop follows at once, so that
+    // it lands while the worker is still popping (what a VM stop does to a
+    // busy queue).
+    f.publish(0, &heads);
+    f.kick(0);
+    let t = std::time::Instant::now();
+    let base = f.get_vring_base(0);
+    let took = t.elapsed();
+    let base = base.unwrap_or_else(|e| {
+        panic!(
+            "GET_VRING_BASE failed after {took:?}: {e:?}\n{}",
+            server.log_text()
+        )
+    });
+    assert!(
+        took < Duration::from_secs(10),
+        "GET_VRING_BASE took {took:?}"
+    );
+    assert_no_head_lost(&f, &a, &heads, base);
+    // Nothing is pushed after the answer.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        u32::from(f.used_idx(0)),
+        base,
+        "used ring changed after the ring stopped"
+    );
+}

@@ -5,10 +5,13 @@
 //! physical addresses (GPAs) it chooses. Nothing here checks that what the
 //! test writes makes sense: that is the point.
 //!
-//! Every wait is bounded: vhost-user replies by a socket read timeout
-//! ([`REPLY_TIMEOUT`] unless [`TestFrontend::set_reply_timeout`]), used-ring
-//! waits by the timeout they are given. A backend that hangs fails the test,
-//! never hangs it.
+//! Every wait is bounded: each vhost-user message runs on a helper thread
+//! and is given [`REPLY_TIMEOUT`] (unless [`TestFrontend::set_reply_timeout`])
+//! for its reply; past that the connection is shut down (which ends the
+//! helper's blocked read) and the call returns [`MsgError::NoAnswer`].
+//! Used-ring waits take their own timeout. A backend that hangs fails the
+//! test, never hangs it. (A socket read timeout would not do: the `vhost`
+//! crate retries a read that returns EAGAIN, forever.)
 //!
 //! Guest memory is one memfd per region, mapped `MAP_SHARED` in the test. A
 //! region may be declared to the backend with a size different from its
@@ -262,6 +265,7 @@ pub struct TestFrontend {
     /// Virtio features acked.
     pub features: u64,
     stream: UnixStream,
+    timeout: Duration,
 }
 
 impl TestFrontend {
@@ -273,8 +277,9 @@ impl TestFrontend {
     pub fn connect(socket: &Path, layout: GuestLayout) -> TestFrontend {
         let mut f = Self::connect_raw(socket, layout.event_idx);
         let region = Region::new(layout.base_gpa, layout.mem_size, layout.region_size);
-        f.fe.set_mem_table(&[region.info()])
-            .unwrap_or_else(|e| panic!("SET_MEM_TABLE: {e}"));
+        let info = region.info();
+        f.call(move |fe| fe.set_mem_table(&[info]).map(|_| ()))
+            .unwrap_or_else(|e| panic!("SET_MEM_TABLE: {e:?}"));
         f.regions.push(region);
         f
     }
@@ -292,40 +297,69 @@ impl TestFrontend {
                 Err(e) => panic!("connect {}: {e}", socket.display()),
             }
         };
-        stream.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(REPLY_TIMEOUT)).unwrap();
-        let mut fe = Frontend::from_stream(stream.try_clone().unwrap(), 64);
-        fe.set_owner().expect("SET_OWNER");
-        let offered = fe.get_features().expect("GET_FEATURES");
+        let fe = Frontend::from_stream(stream.try_clone().unwrap(), 64);
+        let mut f = TestFrontend {
+            fe,
+            regions: Vec::new(),
+            queues: Vec::new(),
+            features: 0,
+            stream,
+            timeout: REPLY_TIMEOUT,
+        };
+        f.call(|fe| fe.set_owner()).expect("SET_OWNER");
+        let offered = f.call(|fe| fe.get_features()).expect("GET_FEATURES");
         let mut features = offered;
         if !event_idx {
             features &= !F_EVENT_IDX;
         }
-        fe.set_features(features).expect("SET_FEATURES");
+        f.call(move |fe| fe.set_features(features))
+            .expect("SET_FEATURES");
+        f.features = features;
         if offered & F_PROTOCOL_FEATURES != 0 {
-            let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+            let pf = f
+                .call(|fe| fe.get_protocol_features())
+                .expect("GET_PROTOCOL_FEATURES");
             let want = VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-            fe.set_protocol_features(pf & want)
+            f.call(move |fe| fe.set_protocol_features(pf & want))
                 .expect("SET_PROTOCOL_FEATURES");
             if pf.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+                f.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
         }
-        TestFrontend {
-            fe,
-            regions: Vec::new(),
-            queues: Vec::new(),
-            features,
-            stream,
+        f
+    }
+
+    /// Runs one vhost-user exchange on a helper thread, waiting at most the
+    /// reply timeout; on timeout the connection is shut down (ending the
+    /// helper's read) and the result is [`MsgError::NoAnswer`].
+    pub fn call<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Frontend) -> vhost::Result<T> + Send + 'static,
+    ) -> MsgResult<T> {
+        let mut fe = self.fe.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let helper = std::thread::spawn(move || {
+            let _ = tx.send(op(&mut fe));
+        });
+        match rx.recv_timeout(self.timeout) {
+            Ok(r) => {
+                let _ = helper.join();
+                r.map_err(MsgError::from_vhost)
+            }
+            Err(_) => {
+                self.disconnect();
+                let _ = helper.join();
+                Err(MsgError::NoAnswer)
+            }
         }
     }
 
     /// Changes how long each message waits for its reply.
-    pub fn set_reply_timeout(&self, t: Duration) {
-        self.stream.set_read_timeout(Some(t)).unwrap();
+    pub fn set_reply_timeout(&mut self, t: Duration) {
+        self.timeout = t;
     }
 
     /// Whether VIRTIO_RING_F_EVENT_IDX was negotiated.
@@ -423,17 +457,13 @@ impl TestFrontend {
             avail_ring_addr: host(ring.avail),
             log_addr: None,
         };
-        self.fe
-            .set_vring_addr(q, &cfg)
-            .map_err(MsgError::from_vhost)?;
+        self.call(move |fe| fe.set_vring_addr(q, &cfg))?;
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        self.fe
-            .set_vring_kick(q, &kick)
-            .map_err(MsgError::from_vhost)?;
-        self.fe
-            .set_vring_call(q, &call)
-            .map_err(MsgError::from_vhost)?;
+        let k = kick.try_clone().unwrap();
+        self.call(move |fe| fe.set_vring_kick(q, &k))?;
+        let c = call.try_clone().unwrap();
+        self.call(move |fe| fe.set_vring_call(q, &c))?;
         if self.queues.len() <= q {
             self.queues.resize_with(q + 1, || None);
         }
@@ -571,35 +601,28 @@ impl TestFrontend {
 
     /// SET_VRING_NUM (vhost-user spec).
     pub fn set_vring_num(&self, q: usize, num: u16) -> MsgResult<()> {
-        self.fe.set_vring_num(q, num).map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.set_vring_num(q, num))
     }
 
     /// SET_VRING_BASE: the next avail index the backend will use.
     pub fn set_vring_base(&self, q: usize, base: u16) -> MsgResult<()> {
-        self.fe
-            .set_vring_base(q, base)
-            .map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.set_vring_base(q, base))
     }
 
     /// GET_VRING_BASE: stops the ring; the backend's next avail index.
     pub fn get_vring_base(&self, q: usize) -> MsgResult<u32> {
-        self.fe.get_vring_base(q).map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.get_vring_base(q))
     }
 
     /// SET_VRING_ENABLE.
     pub fn set_vring_enable(&mut self, q: usize, enable: bool) -> MsgResult<()> {
-        self.fe
-            .set_vring_enable(q, enable)
-            .map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.set_vring_enable(q, enable))
     }
 
     /// ADD_MEM_REG of a new memfd region (kept in `regions` if accepted).
     pub fn add_mem_region(&mut self, region: Region) -> MsgResult<()> {
-        let r = self
-            .fe
-            .add_mem_region(&region.info())
-            .map(|_| ())
-            .map_err(MsgError::from_vhost);
+        let info = region.info();
+        let r = self.call(move |fe| fe.add_mem_region(&info).map(|_| ()));
         if r.is_ok() {
             self.regions.push(region);
         }
@@ -609,9 +632,7 @@ impl TestFrontend {
     /// REM_MEM_REG of region `i` (the test keeps its own mapping).
     pub fn remove_mem_region(&mut self, i: usize) -> MsgResult<()> {
         let info = self.regions[i].info();
-        self.fe
-            .remove_mem_region(&info)
-            .map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.remove_mem_region(&info))
     }
 
     /// REM_MEM_REG of an arbitrary (GPA, size).
@@ -623,19 +644,13 @@ impl TestFrontend {
             mmap_offset: 0,
             mmap_handle: -1,
         };
-        self.fe
-            .remove_mem_region(&info)
-            .map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.remove_mem_region(&info))
     }
 
     /// SET_MEM_TABLE with `regions` (replacing the test's own list).
     pub fn set_mem_table(&mut self, regions: Vec<Region>) -> MsgResult<()> {
         let infos: Vec<_> = regions.iter().map(Region::info).collect();
-        let r = self
-            .fe
-            .set_mem_table(&infos)
-            .map(|_| ())
-            .map_err(MsgError::from_vhost);
+        let r = self.call(move |fe| fe.set_mem_table(&infos).map(|_| ()));
         self.regions = regions;
         r
     }
