@@ -387,3 +387,29 @@ fn ring_stop_gives_up_after_its_deadline_and_reports_nothing_late() {
     g.start_queue(0, RingLayout::at(0, 256)).unwrap();
     write_ok(&mut g, 0, &a, 0);
 }
+
+/// A driver that makes one head available again while it is in flight (a
+/// driver error, virtio 1.2 §2.7.13), 32 times on a ring of 16: pinblk keeps
+/// at most 16 requests in flight, says so once, pops the rest as the first
+/// ones complete, and completes all 32.
+#[test]
+fn a_head_made_available_again_is_bounded_by_the_queue_size() {
+    let (server, mut f) = setup(&["--inject-read-delay", "300ms"], true, 16);
+    let a = arena(4096);
+    let h = put_read(&f, &a, 0);
+    f.publish(0, &[h; 16]);
+    f.kick(0);
+    std::thread::sleep(Duration::from_millis(50));
+    f.publish(0, &[h; 16]);
+    f.kick(0);
+    f.wait_used(0, 32, Duration::from_secs(10))
+        .unwrap_or_else(|i| panic!("used idx {i}\n{}", server.log_text()));
+    let log = server.log_text();
+    assert_eq!(
+        log.matches("more requests made available than the queue has entries")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(f.get_vring_base(0).unwrap(), 32);
+}
