@@ -18,8 +18,6 @@
 //! memfd's (and the memfd truncated later): the test must then not touch the
 //! missing bytes itself (SIGBUS).
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
@@ -29,6 +27,9 @@ use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures}
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
+
+pub use super::blk::*;
+pub use super::guest_mem::Region;
 
 /// How long a vhost-user message waits for the backend's reply by default.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,22 +45,6 @@ pub const DESC_F_INDIRECT: u16 = 4;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 /// Feature bit `VHOST_USER_F_PROTOCOL_FEATURES` (vhost-user spec).
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-
-/// virtio 1.2 §5.2.6 request types.
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// WRITE.
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// FLUSH.
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-/// GET_ID.
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-
-/// Status byte values (virtio 1.2 §5.2.6).
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-/// IOERR.
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-/// UNSUPP.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 /// How a vhost-user message failed.
 #[derive(Debug)]
@@ -159,85 +144,6 @@ impl GuestLayout {
     pub fn with_event_idx(mut self) -> GuestLayout {
         self.event_idx = true;
         self
-    }
-}
-
-/// One memfd-backed region of guest memory, mapped in the test.
-pub struct Region {
-    /// GPA of its first byte.
-    pub gpa: u64,
-    /// Bytes declared to the backend.
-    pub declared: u64,
-    /// The memfd.
-    pub file: File,
-    ptr: *mut u8,
-    map_len: usize,
-}
-
-impl Region {
-    /// A memfd of `file_len` bytes at `gpa`, declared as `declared` bytes.
-    pub fn new(gpa: u64, file_len: u64, declared: u64) -> Region {
-        // SAFETY: memfd_create with a NUL-terminated name; the fd is checked.
-        let fd = unsafe { libc::memfd_create(c"pinblk-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: fd is a fresh descriptor we own.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(file_len).unwrap();
-        let map_len = file_len.max(declared) as usize;
-        // SAFETY: a new shared mapping of our own memfd; it is unmapped in
-        // Drop and only accessed through bounds-checked helpers.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(
-            ptr,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        Region {
-            gpa,
-            declared,
-            file,
-            ptr: ptr as *mut u8,
-            map_len,
-        }
-    }
-
-    /// The vhost-user description of this region (`userspace_addr` is where
-    /// the test mapped it: SET_VRING_ADDR speaks those addresses).
-    pub fn info(&self) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: self.gpa,
-            memory_size: self.declared,
-            userspace_addr: self.ptr as u64,
-            mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
-        }
-    }
-
-    fn contains(&self, gpa: u64, len: usize) -> bool {
-        gpa >= self.gpa && gpa - self.gpa + len as u64 <= self.map_len as u64
-    }
-
-    fn host(&self, gpa: u64, len: usize) -> *mut u8 {
-        assert!(self.contains(gpa, len), "GPA {gpa:#x}+{len} outside region");
-        // SAFETY: in bounds of the mapping, checked above.
-        unsafe { self.ptr.add((gpa - self.gpa) as usize) }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, unmapped once.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.map_len) };
     }
 }
 
@@ -654,106 +560,4 @@ impl TestFrontend {
         self.regions = regions;
         r
     }
-}
-
-/// One virtio-blk request as [`TestFrontend::write_request`] lays it out.
-#[derive(Clone, Copy, Debug)]
-pub struct BlkRequest {
-    /// `type` of `virtio_blk_outhdr` (VIRTIO_BLK_T_*).
-    pub kind: u32,
-    /// `sector` (512 bytes).
-    pub sector: u64,
-    /// GPA of the 16-byte header.
-    pub hdr: u64,
-    /// Data buffer (GPA, bytes), if any.
-    pub data: Option<(u64, u32)>,
-    /// GPA of the status byte.
-    pub status: u64,
-}
-
-impl BlkRequest {
-    /// A READ of `len` bytes at `sector` into `data`, header and status at
-    /// `meta` (16 bytes header, status at `meta + 16`).
-    pub fn read(sector: u64, data: u64, len: u32, meta: u64) -> BlkRequest {
-        BlkRequest {
-            kind: VIRTIO_BLK_T_IN,
-            sector,
-            hdr: meta,
-            data: Some((data, len)),
-            status: meta + 16,
-        }
-    }
-
-    /// A WRITE of `len` bytes from `data` at `sector`.
-    pub fn write(sector: u64, data: u64, len: u32, meta: u64) -> BlkRequest {
-        BlkRequest {
-            kind: VIRTIO_BLK_T_OUT,
-            ..Self::read(sector, data, len, meta)
-        }
-    }
-
-    /// A FLUSH (no data buffer).
-    pub fn flush(meta: u64) -> BlkRequest {
-        BlkRequest {
-            kind: VIRTIO_BLK_T_FLUSH,
-            sector: 0,
-            hdr: meta,
-            data: None,
-            status: meta + 16,
-        }
-    }
-}
-
-/// A ready-made arena for many small requests on one queue: request `n`
-/// uses descriptors `3n..3n+2`, its header and status at `meta + 32 n` and
-/// its data at `data + n * stride`.
-#[derive(Clone, Copy, Debug)]
-pub struct Arena {
-    /// GPA of the headers/status area (32 bytes per request).
-    pub meta: u64,
-    /// GPA of the data area.
-    pub data: u64,
-    /// Bytes of data per request.
-    pub stride: u32,
-}
-
-impl Arena {
-    /// Request `n`'s READ of `stride` bytes at `sector`.
-    pub fn read(&self, n: u16, sector: u64) -> BlkRequest {
-        BlkRequest::read(
-            sector,
-            self.data + u64::from(n) * u64::from(self.stride),
-            self.stride,
-            self.meta + 32 * u64::from(n),
-        )
-    }
-
-    /// Request `n`'s WRITE of `stride` bytes at `sector`.
-    pub fn write(&self, n: u16, sector: u64) -> BlkRequest {
-        BlkRequest {
-            kind: VIRTIO_BLK_T_OUT,
-            ..self.read(n, sector)
-        }
-    }
-
-    /// Request `n`'s FLUSH.
-    pub fn flush(&self, n: u16) -> BlkRequest {
-        BlkRequest::flush(self.meta + 32 * u64::from(n))
-    }
-
-    /// First descriptor of request `n`.
-    pub fn first_desc(n: u16) -> u16 {
-        n.wrapping_mul(3)
-    }
-}
-
-/// CPU time (user + system, in clock ticks) a process has used, from
-/// `/proc/PID/stat` (proc(5): fields 14 and 15).
-pub fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let rest = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state): utime is field 14 → index 11.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
