@@ -533,7 +533,8 @@ impl QueueWorker {
             _ => None,
         };
         if let Some(b) = bounce {
-            if job.is_read() && job.status == OK {
+            // Not after a failed ring stop: guest memory is the frontend's again.
+            if job.is_read() && job.status == OK && !self.abandoned {
                 if let Err(e) = write_ranges(&*job.mem, &job.req.data, 0, b.bytes()) {
                     log::warn!(
                         "request {}: cannot copy the bounce buffer to the guest: {e}",

@@ -5,18 +5,19 @@
 //! physical addresses (GPAs) it chooses. Nothing here checks that what the
 //! test writes makes sense: that is the point.
 //!
-//! Every wait is bounded: vhost-user replies by a socket read timeout
-//! ([`REPLY_TIMEOUT`] unless [`TestFrontend::set_reply_timeout`]), used-ring
-//! waits by the timeout they are given. A backend that hangs fails the test,
-//! never hangs it.
+//! Every wait is bounded: each vhost-user message runs on a helper thread
+//! and is given [`REPLY_TIMEOUT`] (unless [`TestFrontend::set_reply_timeout`])
+//! for its reply; past that the connection is shut down (which ends the
+//! helper's blocked read) and the call returns [`MsgError::NoAnswer`].
+//! Used-ring waits take their own timeout. A backend that hangs fails the
+//! test, never hangs it. (A socket read timeout would not do: the `vhost`
+//! crate retries a read that returns EAGAIN, forever.)
 //!
 //! Guest memory is one memfd per region, mapped `MAP_SHARED` in the test. A
 //! region may be declared to the backend with a size different from its
 //! memfd's (and the memfd truncated later): the test must then not touch the
 //! missing bytes itself (SIGBUS).
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
@@ -26,6 +27,9 @@ use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures}
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
+
+pub use super::blk::*;
+pub use super::guest_mem::Region;
 
 /// How long a vhost-user message waits for the backend's reply by default.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,22 +45,6 @@ pub const DESC_F_INDIRECT: u16 = 4;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 /// Feature bit `VHOST_USER_F_PROTOCOL_FEATURES` (vhost-user spec).
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-
-/// virtio 1.2 §5.2.6 request types.
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// WRITE.
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// FLUSH.
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-/// GET_ID.
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-
-/// Status byte values (virtio 1.2 §5.2.6).
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-/// IOERR.
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-/// UNSUPP.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 /// How a vhost-user message failed.
 #[derive(Debug)]
@@ -159,85 +147,6 @@ impl GuestLayout {
     }
 }
 
-/// One memfd-backed region of guest memory, mapped in the test.
-pub struct Region {
-    /// GPA of its first byte.
-    pub gpa: u64,
-    /// Bytes declared to the backend.
-    pub declared: u64,
-    /// The memfd.
-    pub file: File,
-    ptr: *mut u8,
-    map_len: usize,
-}
-
-impl Region {
-    /// A memfd of `file_len` bytes at `gpa`, declared as `declared` bytes.
-    pub fn new(gpa: u64, file_len: u64, declared: u64) -> Region {
-        // SAFETY: memfd_create with a NUL-terminated name; the fd is checked.
-        let fd = unsafe { libc::memfd_create(c"pinblk-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: fd is a fresh descriptor we own.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(file_len).unwrap();
-        let map_len = file_len.max(declared) as usize;
-        // SAFETY: a new shared mapping of our own memfd; it is unmapped in
-        // Drop and only accessed through bounds-checked helpers.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(
-            ptr,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        Region {
-            gpa,
-            declared,
-            file,
-            ptr: ptr as *mut u8,
-            map_len,
-        }
-    }
-
-    /// The vhost-user description of this region (`userspace_addr` is where
-    /// the test mapped it: SET_VRING_ADDR speaks those addresses).
-    pub fn info(&self) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: self.gpa,
-            memory_size: self.declared,
-            userspace_addr: self.ptr as u64,
-            mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
-        }
-    }
-
-    fn contains(&self, gpa: u64, len: usize) -> bool {
-        gpa >= self.gpa && gpa - self.gpa + len as u64 <= self.map_len as u64
-    }
-
-    fn host(&self, gpa: u64, len: usize) -> *mut u8 {
-        assert!(self.contains(gpa, len), "GPA {gpa:#x}+{len} outside region");
-        // SAFETY: in bounds of the mapping, checked above.
-        unsafe { self.ptr.add((gpa - self.gpa) as usize) }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, unmapped once.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.map_len) };
-    }
-}
-
 /// Per-queue state the test keeps: its layout, kick/call eventfds and the
 /// next available index it will publish.
 pub struct QueueState {
@@ -262,6 +171,7 @@ pub struct TestFrontend {
     /// Virtio features acked.
     pub features: u64,
     stream: UnixStream,
+    timeout: Duration,
 }
 
 impl TestFrontend {
@@ -273,8 +183,9 @@ impl TestFrontend {
     pub fn connect(socket: &Path, layout: GuestLayout) -> TestFrontend {
         let mut f = Self::connect_raw(socket, layout.event_idx);
         let region = Region::new(layout.base_gpa, layout.mem_size, layout.region_size);
-        f.fe.set_mem_table(&[region.info()])
-            .unwrap_or_else(|e| panic!("SET_MEM_TABLE: {e}"));
+        let info = region.info();
+        f.call(move |fe| fe.set_mem_table(&[info]).map(|_| ()))
+            .unwrap_or_else(|e| panic!("SET_MEM_TABLE: {e:?}"));
         f.regions.push(region);
         f
     }
@@ -292,40 +203,69 @@ impl TestFrontend {
                 Err(e) => panic!("connect {}: {e}", socket.display()),
             }
         };
-        stream.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(REPLY_TIMEOUT)).unwrap();
-        let mut fe = Frontend::from_stream(stream.try_clone().unwrap(), 64);
-        fe.set_owner().expect("SET_OWNER");
-        let offered = fe.get_features().expect("GET_FEATURES");
+        let fe = Frontend::from_stream(stream.try_clone().unwrap(), 64);
+        let mut f = TestFrontend {
+            fe,
+            regions: Vec::new(),
+            queues: Vec::new(),
+            features: 0,
+            stream,
+            timeout: REPLY_TIMEOUT,
+        };
+        f.call(|fe| fe.set_owner()).expect("SET_OWNER");
+        let offered = f.call(|fe| fe.get_features()).expect("GET_FEATURES");
         let mut features = offered;
         if !event_idx {
             features &= !F_EVENT_IDX;
         }
-        fe.set_features(features).expect("SET_FEATURES");
+        f.call(move |fe| fe.set_features(features))
+            .expect("SET_FEATURES");
+        f.features = features;
         if offered & F_PROTOCOL_FEATURES != 0 {
-            let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+            let pf = f
+                .call(|fe| fe.get_protocol_features())
+                .expect("GET_PROTOCOL_FEATURES");
             let want = VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-            fe.set_protocol_features(pf & want)
+            f.call(move |fe| fe.set_protocol_features(pf & want))
                 .expect("SET_PROTOCOL_FEATURES");
             if pf.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+                f.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
         }
-        TestFrontend {
-            fe,
-            regions: Vec::new(),
-            queues: Vec::new(),
-            features,
-            stream,
+        f
+    }
+
+    /// Runs one vhost-user exchange on a helper thread, waiting at most the
+    /// reply timeout; on timeout the connection is shut down (ending the
+    /// helper's read) and the result is [`MsgError::NoAnswer`].
+    pub fn call<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Frontend) -> vhost::Result<T> + Send + 'static,
+    ) -> MsgResult<T> {
+        let mut fe = self.fe.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let helper = std::thread::spawn(move || {
+            let _ = tx.send(op(&mut fe));
+        });
+        match rx.recv_timeout(self.timeout) {
+            Ok(r) => {
+                let _ = helper.join();
+                r.map_err(MsgError::from_vhost)
+            }
+            Err(_) => {
+                self.disconnect();
+                let _ = helper.join();
+                Err(MsgError::NoAnswer)
+            }
         }
     }
 
     /// Changes how long each message waits for its reply.
-    pub fn set_reply_timeout(&self, t: Duration) {
-        self.stream.set_read_timeout(Some(t)).unwrap();
+    pub fn set_reply_timeout(&mut self, t: Duration) {
+        self.timeout = t;
     }
 
     /// Whether VIRTIO_RING_F_EVENT_IDX was negotiated.
@@ -423,17 +363,13 @@ impl TestFrontend {
             avail_ring_addr: host(ring.avail),
             log_addr: None,
         };
-        self.fe
-            .set_vring_addr(q, &cfg)
-            .map_err(MsgError::from_vhost)?;
+        self.call(move |fe| fe.set_vring_addr(q, &cfg))?;
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        self.fe
-            .set_vring_kick(q, &kick)
-            .map_err(MsgError::from_vhost)?;
-        self.fe
-            .set_vring_call(q, &call)
-            .map_err(MsgError::from_vhost)?;
+        let k = kick.try_clone().unwrap();
+        self.call(move |fe| fe.set_vring_kick(q, &k))?;
+        let c = call.try_clone().unwrap();
+        self.call(move |fe| fe.set_vring_call(q, &c))?;
         if self.queues.len() <= q {
             self.queues.resize_with(q + 1, || None);
         }
@@ -571,35 +507,28 @@ impl TestFrontend {
 
     /// SET_VRING_NUM (vhost-user spec).
     pub fn set_vring_num(&self, q: usize, num: u16) -> MsgResult<()> {
-        self.fe.set_vring_num(q, num).map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.set_vring_num(q, num))
     }
 
     /// SET_VRING_BASE: the next avail index the backend will use.
     pub fn set_vring_base(&self, q: usize, base: u16) -> MsgResult<()> {
-        self.fe
-            .set_vring_base(q, base)
-            .map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.set_vring_base(q, base))
     }
 
     /// GET_VRING_BASE: stops the ring; the backend's next avail index.
     pub fn get_vring_base(&self, q: usize) -> MsgResult<u32> {
-        self.fe.get_vring_base(q).map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.get_vring_base(q))
     }
 
     /// SET_VRING_ENABLE.
     pub fn set_vring_enable(&mut self, q: usize, enable: bool) -> MsgResult<()> {
-        self.fe
-            .set_vring_enable(q, enable)
-            .map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.set_vring_enable(q, enable))
     }
 
     /// ADD_MEM_REG of a new memfd region (kept in `regions` if accepted).
     pub fn add_mem_region(&mut self, region: Region) -> MsgResult<()> {
-        let r = self
-            .fe
-            .add_mem_region(&region.info())
-            .map(|_| ())
-            .map_err(MsgError::from_vhost);
+        let info = region.info();
+        let r = self.call(move |fe| fe.add_mem_region(&info).map(|_| ()));
         if r.is_ok() {
             self.regions.push(region);
         }
@@ -609,9 +538,7 @@ impl TestFrontend {
     /// REM_MEM_REG of region `i` (the test keeps its own mapping).
     pub fn remove_mem_region(&mut self, i: usize) -> MsgResult<()> {
         let info = self.regions[i].info();
-        self.fe
-            .remove_mem_region(&info)
-            .map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.remove_mem_region(&info))
     }
 
     /// REM_MEM_REG of an arbitrary (GPA, size).
@@ -623,122 +550,14 @@ impl TestFrontend {
             mmap_offset: 0,
             mmap_handle: -1,
         };
-        self.fe
-            .remove_mem_region(&info)
-            .map_err(MsgError::from_vhost)
+        self.call(move |fe| fe.remove_mem_region(&info))
     }
 
     /// SET_MEM_TABLE with `regions` (replacing the test's own list).
     pub fn set_mem_table(&mut self, regions: Vec<Region>) -> MsgResult<()> {
         let infos: Vec<_> = regions.iter().map(Region::info).collect();
-        let r = self
-            .fe
-            .set_mem_table(&infos)
-            .map(|_| ())
-            .map_err(MsgError::from_vhost);
+        let r = self.call(move |fe| fe.set_mem_table(&infos).map(|_| ()));
         self.regions = regions;
         r
     }
-}
-
-/// One virtio-blk request as [`TestFrontend::write_request`] lays it out.
-#[derive(Clone, Copy, Debug)]
-pub struct BlkRequest {
-    /// `type` of `virtio_blk_outhdr` (VIRTIO_BLK_T_*).
-    pub kind: u32,
-    /// `sector` (512 bytes).
-    pub sector: u64,
-    /// GPA of the 16-byte header.
-    pub hdr: u64,
-    /// Data buffer (GPA, bytes), if any.
-    pub data: Option<(u64, u32)>,
-    /// GPA of the status byte.
-    pub status: u64,
-}
-
-impl BlkRequest {
-    /// A READ of `len` bytes at `sector` into `data`, header and status at
-    /// `meta` (16 bytes header, status at `meta + 16`).
-    pub fn read(sector: u64, data: u64, len: u32, meta: u64) -> BlkRequest {
-        BlkRequest {
-            kind: VIRTIO_BLK_T_IN,
-            sector,
-            hdr: meta,
-            data: Some((data, len)),
-            status: meta + 16,
-        }
-    }
-
-    /// A WRITE of `len` bytes from `data` at `sector`.
-    pub fn write(sector: u64, data: u64, len: u32, meta: u64) -> BlkRequest {
-        BlkRequest {
-            kind: VIRTIO_BLK_T_OUT,
-            ..Self::read(sector, data, len, meta)
-        }
-    }
-
-    /// A FLUSH (no data buffer).
-    pub fn flush(meta: u64) -> BlkRequest {
-        BlkRequest {
-            kind: VIRTIO_BLK_T_FLUSH,
-            sector: 0,
-            hdr: meta,
-            data: None,
-            status: meta + 16,
-        }
-    }
-}
-
-/// A ready-made arena for many small requests on one queue: request `n`
-/// uses descriptors `3n..3n+2`, its header and status at `meta + 32 n` and
-/// its data at `data + n * stride`.
-#[derive(Clone, Copy, Debug)]
-pub struct Arena {
-    /// GPA of the headers/status area (32 bytes per request).
-    pub meta: u64,
-    /// GPA of the data area.
-    pub data: u64,
-    /// Bytes of data per request.
-    pub stride: u32,
-}
-
-impl Arena {
-    /// Request `n`'s READ of `stride` bytes at `sector`.
-    pub fn read(&self, n: u16, sector: u64) -> BlkRequest {
-        BlkRequest::read(
-            sector,
-            self.data + u64::from(n) * u64::from(self.stride),
-            self.stride,
-            self.meta + 32 * u64::from(n),
-        )
-    }
-
-    /// Request `n`'s WRITE of `stride` bytes at `sector`.
-    pub fn write(&self, n: u16, sector: u64) -> BlkRequest {
-        BlkRequest {
-            kind: VIRTIO_BLK_T_OUT,
-            ..self.read(n, sector)
-        }
-    }
-
-    /// Request `n`'s FLUSH.
-    pub fn flush(&self, n: u16) -> BlkRequest {
-        BlkRequest::flush(self.meta + 32 * u64::from(n))
-    }
-
-    /// First descriptor of request `n`.
-    pub fn first_desc(n: u16) -> u16 {
-        n.wrapping_mul(3)
-    }
-}
-
-/// CPU time (user + system, in clock ticks) a process has used, from
-/// `/proc/PID/stat` (proc(5): fields 14 and 15).
-pub fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let rest = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state): utime is field 14 → index 11.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
