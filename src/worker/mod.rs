@@ -560,7 +560,10 @@ impl QueueWorker {
             .as_ref()
             .expect("vring is known once a chain was popped");
         if let Err(e) = vring.add_used(head, used_len) {
-            log::error!("queue {}: cannot add used element {head}: {e}", self.index);
+            // Once per episode, not once per request (the used ring left
+            // guest memory: REM_MEM_REG of its region, say).
+            log::debug!("queue {}: cannot add used element {head}: {e}", self.index);
+            self.set_fault(Some(RingFault::Unreachable));
         }
         self.needs_signal = true;
     }
