@@ -446,7 +446,7 @@ impl QueueWorker {
     /// Otherwise the requests still in flight may still be under DMA into
     /// guest memory, so the ring cannot be reported stopped: they are
     /// logged, the worker is [abandoned](QueueWorker::abandon), and the
-    /// error says how many (docs/DESIGN.md §5, "Stopping a ring").
+    /// error says how many (docs/DESIGN.md §8, "Stopping a ring").
     ///
     /// # Errors
     /// `TimedOut` naming the requests still in flight after `limit`.
