@@ -20,7 +20,7 @@ use crate::device::Device;
 use crate::worker::{GuestMemAtomic, QueueWorker, Vring, WorkerError};
 
 /// How much longer than the stall timeout a ring stop (GET_VRING_BASE)
-/// waits for the requests in flight: 5 s (docs/DESIGN.md §5, "Stopping a
+/// waits for the requests in flight: 5 s (docs/DESIGN.md §8, "Stopping a
 /// ring"). A stall ends at once when a ring stops; what is left is storage,
 /// which normally completes in milliseconds.
 pub const RING_STOP_GRACE: Duration = Duration::from_secs(5);
@@ -146,7 +146,7 @@ impl VhostUserBackend for BlkBackend {
     /// into guest memory, so there is no next index that describes the
     /// ring: the error makes the vhost-user library drop the connection
     /// without an answer, and those requests are finished inside pinblk,
-    /// unreported (docs/DESIGN.md §5, "Stopping a ring").
+    /// unreported (docs/DESIGN.md §8, "Stopping a ring").
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
         match self.workers.get(queue_index as usize) {
             Some(w) => w

@@ -109,8 +109,11 @@ enum RingFault {
 enum Avail {
     /// This many chains to pop (at most the queue size).
     Pending(u16),
-    /// Nothing (or the ring is not ready: stopped, or not yet set up).
+    /// Nothing.
     Nothing,
+    /// The ring is not ready (being stopped, not yet set up) or the worker
+    /// was abandoned: nothing may be popped.
+    NotReady,
     /// Nothing can be popped because of a driver error.
     Fault(RingFault),
 }
@@ -243,14 +246,16 @@ impl QueueWorker {
                     log::debug!("queue {}: cannot disable notifications: {e}", self.index);
                 }
             }
-            let popped = self.pop_available(vring);
-            if !self.event_idx || popped == 0 {
-                // Nothing popped although the avail index may be ahead (ring
-                // stopping, a fault, the in-flight cap): looping would spin
-                // under the worker's lock (issue 13 findings 1-2).
+            if self.pop_available(vring).is_none() {
+                // Nothing can be popped although the avail index may be
+                // ahead (ring stopping, a fault, the in-flight cap): looping
+                // would spin under the worker's lock (issue 13 findings 1-2).
                 if self.event_idx && !self.abandoned {
                     let _ = vring.enable_notification();
                 }
+                break;
+            }
+            if !self.event_idx {
                 break;
             }
             match vring.enable_notification() {
@@ -273,14 +278,17 @@ impl QueueWorker {
     }
 
     /// Pops and starts the chains the avail ring holds, up to the in-flight
-    /// cap (the queue size); returns how many.
-    fn pop_available(&mut self, vring: &Vring) -> usize {
+    /// cap (the queue size); returns how many, or `None` if nothing can be
+    /// popped although chains may be available (ring not ready, a fault,
+    /// the cap).
+    fn pop_available(&mut self, vring: &Vring) -> Option<usize> {
         let (n, size) = match self.avail(vring) {
             (Avail::Pending(n), size) => (n, size),
-            (Avail::Nothing, _) => return 0,
+            (Avail::Nothing, _) => return Some(0),
+            (Avail::NotReady, _) => return None,
             (Avail::Fault(f), _) => {
                 self.set_fault(Some(f));
-                return 0;
+                return None;
             }
         };
         let mut popped = 0;
@@ -288,7 +296,7 @@ impl QueueWorker {
             if self.jobs.len() >= usize::from(size) {
                 self.set_fault(Some(RingFault::Overcommitted));
                 self.pop_pending = true;
-                return popped;
+                return (popped > 0).then_some(popped);
             }
             // Snapshot guest memory for each chain, after the avail index
             // was read, so a memory-table change is seen at once.
@@ -304,20 +312,20 @@ impl QueueWorker {
         if popped > 0 {
             self.set_fault(None);
         }
-        popped
+        Some(popped)
     }
 
     /// Reads the avail index and judges it against the device's next index
     /// and the queue size (virtio 1.2 §2.7.6); also the queue size.
     fn avail(&self, vring: &Vring) -> (Avail, u16) {
         if self.abandoned {
-            return (Avail::Nothing, 0);
+            return (Avail::NotReady, 0);
         }
         let state = vring.get_ref();
         let q = state.get_queue();
         let size = q.size();
         if !q.ready() {
-            return (Avail::Nothing, size);
+            return (Avail::NotReady, size);
         }
         let mem = self.mem.memory();
         let avail = match q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
@@ -363,7 +371,10 @@ impl QueueWorker {
                 self.index,
                 self.jobs.len()
             ),
-            None => log::info!("queue {}: ring served again", self.index),
+            None if self.fault != Some(RingFault::Overcommitted) => {
+                log::info!("queue {}: ring served again", self.index)
+            }
+            None => {}
         }
         self.fault = f;
     }
@@ -410,11 +421,14 @@ impl QueueWorker {
                     }
                 }
                 Some(d) => {
+                    // What is ready already (inline completions too) first.
+                    self.engine.submit();
+                    self.reap();
+                    self.retry_parked(true);
                     let now = Instant::now();
-                    if now >= d {
+                    if self.jobs.is_empty() || now >= d {
                         break;
                     }
-                    self.engine.submit();
                     crate::sys::wait_readable(self.engine.completion_fd(), d - now);
                     let _ = self.engine.completion_fd().read();
                 }
@@ -433,7 +447,7 @@ impl QueueWorker {
     /// Otherwise the requests still in flight may still be under DMA into
     /// guest memory, so the ring cannot be reported stopped: they are
     /// logged, the worker is [abandoned](QueueWorker::abandon), and the
-    /// error says how many (docs/DESIGN.md §5, "Stopping a ring").
+    /// error says how many (docs/DESIGN.md §8, "Stopping a ring").
     ///
     /// # Errors
     /// `TimedOut` naming the requests still in flight after `limit`.
@@ -547,7 +561,10 @@ impl QueueWorker {
             .as_ref()
             .expect("vring is known once a chain was popped");
         if let Err(e) = vring.add_used(head, used_len) {
-            log::error!("queue {}: cannot add used element {head}: {e}", self.index);
+            // Once per episode, not once per request (the used ring left
+            // guest memory: REM_MEM_REG of its region, say).
+            log::debug!("queue {}: cannot add used element {head}: {e}", self.index);
+            self.set_fault(Some(RingFault::Unreachable));
         }
         self.needs_signal = true;
     }
