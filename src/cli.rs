@@ -211,6 +211,18 @@ pub struct ServeArgs {
     #[arg(long, default_value = "64M", value_parser = parse_size, value_name = "BYTES")]
     pub bounce_pool: u64,
 
+    /// Memory for bounce buffers of one queue (bytes; K, M, G suffixes). A
+    /// request larger than this or than --bounce-pool is never bounced: it
+    /// fails with IOERR.
+    #[arg(long, default_value = "32M", value_parser = parse_size, value_name = "BYTES")]
+    pub bounce_queue_max: u64,
+
+    /// Largest READ or WRITE (bytes; K, M, G suffixes; below 4G): offered
+    /// to the driver as size_max = this / seg_max, and a larger request fails
+    /// with IOERR. At least (queue size - 2) x 4K.
+    #[arg(long, default_value = "32M", value_parser = parse_transfer, value_name = "BYTES")]
+    pub max_transfer: u32,
+
     /// Fault injection: keep READ DMAs pinned this much longer (completion held back),
     /// to provoke conflicts on purpose.
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -318,12 +330,14 @@ impl TryFrom<ServeArgs> for DeviceOptions {
                 read_delay: a.inject_read_delay,
                 read_delay_probability: a.inject_read_probability,
                 bounce_pool_bytes: a.bounce_pool,
+                bounce_queue_bytes: a.bounce_queue_max,
             },
             checksum: a.checksum == Checksum::Crc32c,
             checksum_store: a.checksum_store,
             range_tracking: a.range_tracking == OnOff::On,
             on_mismatch: a.on_mismatch.into(),
             report: a.report,
+            max_transfer: a.max_transfer,
         })
     }
 }
@@ -352,6 +366,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a size in bytes"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// [`parse_size`] for a size below 4 GiB (a transfer: virtio lengths are 32-bit).
+fn parse_transfer(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    u32::try_from(n).map_err(|_| format!("{s:?}: a transfer must be below 4G"))
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {
@@ -397,6 +417,8 @@ mod tests {
         assert_eq!(parse_size("64m").unwrap(), 64 << 20);
         assert!(parse_size("1X").is_err());
         assert!(parse_size("abc").is_err());
+        assert_eq!(parse_transfer("32M").unwrap(), 32 << 20);
+        assert!(parse_transfer("4G").is_err());
     }
 
     #[test]
@@ -446,6 +468,10 @@ mod tests {
             "2s",
             "--bounce-pool",
             "1M",
+            "--bounce-queue-max",
+            "512K",
+            "--max-transfer",
+            "2M",
             "--inject-read-delay",
             "20ms",
             "--inject-read-probability",
@@ -481,11 +507,13 @@ mod tests {
                 read_delay: Some(Duration::from_millis(20)),
                 read_delay_probability: 0.5,
                 bounce_pool_bytes: 1 << 20,
+                bounce_queue_bytes: 512 << 10,
             },
             checksum: true,
             checksum_store: Some("x.pinsum".into()),
             on_mismatch: OnMismatch::Eio,
             report: Some("r.jsonl".into()),
+            max_transfer: 2 << 20,
             ..DeviceOptions::new("disk.img")
         };
         assert_eq!(opts, want);

@@ -6,6 +6,8 @@
 //! - [`guest`], [`rule`], [`sys`]: the shared vocabulary (guest-physical
 //!   ranges, sectors, guest pages; the detection rules R1–R4) and small OS
 //!   helpers; [`logging`]: log lines rate-limited per kind of message.
+//! - [`sigbus`]: guest memory the frontend can take away: region sizes
+//!   checked against their files, SIGBUS on guest memory survived.
 //! - [`virtio_blk`]: the virtio-blk wire format: a descriptor chain parsed
 //!   into a typed request, the config space and feature bits.
 //! - [`storage`]: the image and the storage engines that move data between
@@ -22,6 +24,7 @@
 pub mod guest;
 pub mod logging;
 pub mod rule;
+pub mod sigbus;
 pub mod sys;
 
 pub mod inflight;

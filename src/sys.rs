@@ -40,3 +40,19 @@ pub fn lock_file(file: &File, exclusive: bool, wait: Duration) -> io::Result<()>
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits until `fd` is readable or `timeout` has passed (poll(2), POLLIN);
+/// `true` if readable. EINTR counts as not readable (the caller re-checks
+/// its own deadline).
+pub fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd on our stack, nfds = 1; poll(2) only writes
+    // its `revents`.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n > 0 && p.revents & libc::POLLIN != 0
+}

@@ -67,6 +67,9 @@ pub struct DeviceOptions {
     pub on_mismatch: OnMismatch,
     /// Append report events (JSON Lines) to this file; `None`: log and count only.
     pub report: Option<PathBuf>,
+    /// Largest READ or WRITE data buffer in bytes ([`DeviceConfig::max_transfer`]):
+    /// at least `(queue_size - 2)` × 4 KiB ([`DeviceOptions::min_max_transfer`]).
+    pub max_transfer: u32,
 }
 
 impl DeviceOptions {
@@ -96,7 +99,14 @@ impl DeviceOptions {
             range_tracking: true,
             on_mismatch: OnMismatch::Report,
             report: None,
+            max_transfer: DEFAULT_MAX_TRANSFER,
         }
+    }
+
+    /// The smallest `max_transfer` the queue size allows: `seg_max`
+    /// (queue size - 2) segments of 4 KiB, the smallest `size_max` offered.
+    pub fn min_max_transfer(&self) -> u32 {
+        u32::from(self.queue_size).saturating_sub(2).max(1) * 4096
     }
 
     /// Checks the values that do not depend on any file.
@@ -115,9 +125,18 @@ impl DeviceOptions {
         if lbs != 512 && lbs != 4096 {
             return Err(DeviceError::LogicalBlockSize(lbs));
         }
+        if self.max_transfer < self.min_max_transfer() {
+            return Err(DeviceError::MaxTransfer {
+                asked: self.max_transfer,
+                min: self.min_max_transfer(),
+            });
+        }
         Ok(())
     }
 }
+
+/// Default largest READ or WRITE data buffer (`--max-transfer`): 32 MiB, in bytes.
+pub const DEFAULT_MAX_TRANSFER: u32 = 32 << 20;
 
 /// Why a device cannot be opened or closed. Every message says what went
 /// wrong and what to do about it.
@@ -132,6 +151,14 @@ pub enum DeviceError {
     /// The logical block size is neither 512 nor 4096.
     #[error("logical block size {0} asked for; use 512 or 4096 (--logical-block-size)")]
     LogicalBlockSize(u32),
+    /// The largest transfer is below `seg_max` segments of 4 KiB.
+    #[error("largest transfer of {asked} bytes asked for; with this queue size it must be at least {min} bytes (--max-transfer, or a smaller --queue-size)")]
+    MaxTransfer {
+        /// Bytes asked for.
+        asked: u32,
+        /// The least allowed, bytes.
+        min: u32,
+    },
     /// The image cannot be created, opened or locked (the message says what to do).
     #[error(transparent)]
     Image(#[from] StorageError),
@@ -186,6 +213,9 @@ pub struct QueueCounters {
     pub unsupp: AtomicU64,
     /// Descriptor chains so malformed that no status could be written.
     pub dropped: AtomicU64,
+    /// Bytes of bounce buffers this queue holds now (a gauge, limited by
+    /// [`PolicyConfig::bounce_queue_bytes`]; not in [`Counters`]).
+    pub bounce_bytes: AtomicU64,
 }
 
 /// A summed snapshot of [`QueueCounters`], for logs and reports.
@@ -292,7 +322,9 @@ impl Device {
             queue_size: opts.queue_size,
             read_only: io.read_only,
             serial: opts.serial.clone(),
+            max_transfer: opts.max_transfer,
         };
+
         log::info!(
             "serving {} ({} bytes, {} sectors{}) with {} queue(s) of up to {} entries",
             image.path().display(),

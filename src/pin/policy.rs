@@ -60,6 +60,9 @@ pub struct PolicyConfig {
     pub read_delay_probability: f64,
     /// Bytes of bounce buffers the device may hold at once (all queues).
     pub bounce_pool_bytes: u64,
+    /// Bytes of bounce buffers one queue may hold at once (`--bounce-queue-max`).
+    /// A request larger than this or than the pool is never bounced (IOERR).
+    pub bounce_queue_bytes: u64,
 }
 
 impl PolicyConfig {
@@ -82,6 +85,7 @@ impl Default for PolicyConfig {
             read_delay: None,
             read_delay_probability: 1.0,
             bounce_pool_bytes: 64 << 20,
+            bounce_queue_bytes: 32 << 20,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! registered on that thread's epoll loop as event `num_queues + 1`.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
@@ -18,6 +19,18 @@ use vmm_sys_util::event::{
 use crate::device::Device;
 use crate::inflight::InflightRegion;
 use crate::worker::{GuestMemAtomic, QueueWorker, Vring, WorkerError};
+
+/// How much longer than the stall timeout a ring stop (GET_VRING_BASE)
+/// waits for the requests in flight: 5 s (docs/DESIGN.md §8, "Stopping a
+/// ring"). A stall ends at once when a ring stops; what is left is storage,
+/// which normally completes in milliseconds.
+pub const RING_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The longest a ring stop waits for the requests in flight: the stall
+/// timeout (`--stall-timeout`) plus [`RING_STOP_GRACE`].
+pub fn ring_stop_limit(stall_timeout: Duration) -> Duration {
+    stall_timeout + RING_STOP_GRACE
+}
 
 /// Backend state of one connection.
 pub struct BlkBackend {
@@ -118,11 +131,12 @@ impl VhostUserBackend for BlkBackend {
         self.dev.config().read_config(offset, size)
     }
 
-    fn update_memory(&self, _mem: GuestMemAtomic) -> std::io::Result<()> {
+    fn update_memory(&self, mem: GuestMemAtomic) -> std::io::Result<()> {
         // The workers read guest memory through the same `GuestMemoryAtomic`
         // the daemon updates (a clone given to `BlkBackend::new`), taking a
-        // snapshot per popped chain: nothing to do here.
-        Ok(())
+        // snapshot per popped chain. Regions larger than their files are
+        // taken out again and refused; the rest is watched for SIGBUS.
+        crate::sigbus::accept_memory(&mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -188,11 +202,23 @@ impl VhostUserBackend for BlkBackend {
             .start_inflight(part, vring)
     }
 
+    /// GET_VRING_BASE (vhost-user spec, "Starting and stopping rings"): the
+    /// ring is already not ready (nothing more is popped); every request in
+    /// flight is completed into the used ring before the answer, for at most
+    /// [`ring_stop_limit`]. Past it the requests left may still be under DMA
+    /// into guest memory, so there is no next index that describes the
+    /// ring: the error makes the vhost-user library drop the connection
+    /// without an answer, and those requests are finished inside pinblk,
+    /// unreported (docs/DESIGN.md §8, "Stopping a ring").
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        if let Some(w) = self.workers.get(queue_index as usize) {
-            w.lock().unwrap_or_else(|p| p.into_inner()).drain();
+        match self.workers.get(queue_index as usize) {
+            Some(w) => w
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stop(ring_stop_limit(self.dev.policy().stall_timeout))
+                .inspect_err(|e| log::error!("GET_VRING_BASE: {e}; dropping the connection")),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn handle_event(

@@ -78,6 +78,8 @@ pub fn serve(
 
     let mut served = 0u64;
     while !control.stopping.load(Ordering::Acquire) {
+        // The last connection's guest memory is unmapped by now.
+        crate::sigbus::forget_unmapped();
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(
             BlkBackend::new(dev.clone(), mem.clone())

@@ -131,6 +131,20 @@ pub enum ParseError {
     /// More descriptors than [`MAX_SEGMENTS`].
     #[error("descriptor chain has more than {MAX_SEGMENTS} descriptors")]
     TooManyDescriptors,
+    /// The chain breaks off on a descriptor that still has
+    /// VIRTQ_DESC_F_NEXT: its next descriptor would take the chain to 2^32
+    /// bytes or more (virtio 1.2 §2.7.5.2), or it loops, or points outside
+    /// the descriptor table. Its end, and so its status byte, is unknown.
+    #[error(
+        "descriptor chain breaks off after {descriptors} descriptors ({bytes} bytes) with \
+         VIRTQ_DESC_F_NEXT set: 2^32 bytes or more in total, a loop, or a bad next index"
+    )]
+    Unterminated {
+        /// Descriptors seen.
+        descriptors: usize,
+        /// Their total length in bytes.
+        bytes: u64,
+    },
 }
 
 /// Buffers of a chain that failed to parse but whose status byte is known, so
@@ -164,18 +178,33 @@ where
     let mut readable: Vec<GuestRange> = Vec::new();
     let mut writable: Vec<GuestRange> = Vec::new();
     let mut error = None;
+    // The whole chain is walked, also past MAX_SEGMENTS (virtio-queue bounds
+    // it by the table size), to find where it really ends: the status byte
+    // is the last byte of the device-writable part of the *whole* chain.
     let mut count = 0usize;
+    let mut bytes = 0u64;
+    let mut ended = false;
+    let mut last_writable: Option<GuestRange> = None;
+    let mut misframed = false;
     for desc in chain.clone() {
         count += 1;
-        if count > MAX_SEGMENTS {
-            error.get_or_insert(ParseError::TooManyDescriptors);
-            break;
-        }
+        bytes += u64::from(desc.len());
+        ended = !desc.has_next();
         let range = GuestRange {
             addr: desc.addr().0,
             len: desc.len(),
         };
         if range.len == 0 {
+            continue;
+        }
+        if desc.is_write_only() {
+            last_writable = Some(range);
+        } else if last_writable.is_some() {
+            misframed = true;
+            error.get_or_insert(ParseError::ReadableAfterWritable);
+        }
+        if count > MAX_SEGMENTS {
+            error.get_or_insert(ParseError::TooManyDescriptors);
             continue;
         }
         if !mem.check_range(
@@ -191,20 +220,40 @@ where
         if desc.is_write_only() {
             writable.push(range);
         } else {
-            if !writable.is_empty() {
-                error.get_or_insert(ParseError::ReadableAfterWritable);
-            }
             readable.push(range);
         }
     }
+    if count > 0 && !ended {
+        // virtio-queue stopped before a descriptor without NEXT: the next
+        // one would take the chain to 2^32 bytes (virtio 1.2 §2.7.5.2), or
+        // loops, or lies outside the table. The real last descriptor, the
+        // one holding the status byte, was never seen: writing a status at
+        // the last byte seen would land in the driver's data.
+        return Err(BadRequest {
+            head,
+            status_addr: None,
+            error: ParseError::Unterminated {
+                descriptors: count,
+                bytes,
+            },
+        });
+    }
 
-    // The status byte is the last byte of the device-writable part.
-    let status_addr = match writable.last_mut() {
-        Some(last) if error != Some(ParseError::ReadableAfterWritable) => {
+    // The status byte is the last byte of the device-writable part (virtio
+    // 1.2 §5.2.6 with §2.7.4: whatever the framing). Not when a readable
+    // descriptor follows a writable one: then the chain has no
+    // device-writable tail, and no byte is known to be the status.
+    let status_addr = match last_writable {
+        Some(last) if !misframed => {
             let addr = GuestAddress(last.addr.saturating_add(u64::from(last.len) - 1));
-            last.len -= 1;
-            if last.len == 0 {
-                writable.pop();
+            if count <= MAX_SEGMENTS {
+                let tail = writable
+                    .last_mut()
+                    .expect("the last writable range was kept");
+                tail.len -= 1;
+                if tail.len == 0 {
+                    writable.pop();
+                }
             }
             let status_ok = mem.check_range(addr, 1, vm_memory::Permissions::ReadWrite);
             status_ok.then_some(addr)

@@ -5,6 +5,7 @@ use crate::guest::GuestMem as Mem;
 use crate::virtio_blk::test_util::{
     guest_mmap as mem, indirect_table, outhdr, r, raw, w, D, MEM_SIZE,
 };
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::Bytes;
@@ -402,6 +403,92 @@ fn too_many_descriptors() {
     descs.push(w(STATUS, 1));
     let b = bad(parse_indirect(&m, &descs));
     assert_eq!(b.error, ParseError::TooManyDescriptors);
+    // The status is where the chain really ends, past the descriptors kept.
+    assert_eq!(b.status_addr, Some(GuestAddress(STATUS)));
+}
+
+#[test]
+fn too_many_descriptors_never_puts_the_status_into_data() {
+    // Issue 13 finding 7: a READ of 1100 device-writable data descriptors
+    // and a status descriptor; the refusal's status goes to the status
+    // descriptor, not into the last data byte seen before the limit.
+    let m = mem();
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    let mut descs = vec![r(HDR, 16)];
+    descs.extend((0..1100).map(|i| w(DATA + 512 * i as u64, 512)));
+    descs.push(w(STATUS, 1));
+    let b = bad(parse_indirect(&m, &descs));
+    assert_eq!(b.error, ParseError::TooManyDescriptors);
+    assert_eq!(b.status_addr, Some(GuestAddress(STATUS)));
+    // The same with the status in the last data descriptor (framing-agnostic):
+    // its last byte.
+    let mut descs = vec![r(HDR, 16)];
+    descs.extend((0..1100).map(|i| w(DATA + 512 * i as u64, 512)));
+    descs.push(w(STATUS, 513));
+    let b = bad(parse_indirect(&m, &descs));
+    assert_eq!(b.status_addr, Some(GuestAddress(STATUS + 512)));
+}
+
+#[test]
+fn a_chain_of_exactly_4_gib_breaks_off_without_a_status() {
+    // Issue 13 finding 6: 16 + 3 GiB + (1 GiB - 17) + 1 bytes = 2^32. virtio-queue
+    // stops before the status descriptor (the total would not fit its u32
+    // count; virtio 1.2 §2.7.5.2 forbids 2^32 bytes): no status is known, and
+    // none may be written into the data descriptor seen last.
+    const GIB: u64 = 1 << 30;
+    let m: Mem =
+        vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GIB as usize)]).unwrap();
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    let data = GIB as u32;
+    let descs = [
+        r(HDR, 16),
+        w(0, data),
+        w(0, data),
+        w(0, data),
+        w(0, data - 17),
+        w(STATUS, 1),
+    ];
+    let b = bad(parse(&m, &descs));
+    assert_eq!(
+        b.error,
+        ParseError::Unterminated {
+            descriptors: 5,
+            bytes: (1 << 32) - 1
+        }
+    );
+    assert_eq!(b.status_addr, None);
+    // One byte less is a valid chain whose status is where it belongs.
+    let descs = [
+        r(HDR, 16),
+        w(0, data),
+        w(0, data),
+        w(0, data),
+        w(0, data - 18),
+        w(STATUS, 1),
+    ];
+    let req = parse(&m, &descs).unwrap();
+    assert_eq!(req.status_addr, GuestAddress(STATUS));
+    assert_eq!(req.data_len, (1 << 32) - 18);
+}
+
+#[test]
+fn a_chain_whose_next_leaves_the_table_breaks_off_without_a_status() {
+    let m = mem();
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    let table = indirect_table(&m, TABLE, &[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
+    // The last entry says NEXT = 7, outside the 3-entry table.
+    m.write_obj(
+        raw(w(STATUS, 1), VRING_DESC_F_NEXT, 7),
+        GuestAddress(TABLE + 32),
+    )
+    .unwrap();
+    let q = MockSplitQueue::new(&m, 16);
+    let b = bad(parse_chain(&q.build_desc_chain(&[table]).unwrap()));
+    assert!(matches!(
+        b.error,
+        ParseError::Unterminated { descriptors: 3, .. }
+    ));
+    assert_eq!(b.status_addr, None);
 }
 
 #[test]

@@ -4,7 +4,8 @@
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -31,6 +32,10 @@ pub struct DeviceConfig {
     pub read_only: bool,
     /// Serial returned by GET_ID (at most 20 bytes are used).
     pub serial: String,
+    /// Largest READ or WRITE data buffer in bytes (`--max-transfer`): the
+    /// config space offers `size_max` so that `seg_max` × `size_max` does
+    /// not exceed it, and larger requests are refused with IOERR.
+    pub max_transfer: u32,
 }
 
 impl DeviceConfig {
@@ -43,6 +48,7 @@ impl DeviceConfig {
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_TOPOLOGY)
             | (1 << VIRTIO_BLK_F_MQ)
             | (1 << VIRTIO_BLK_F_DISCARD)
@@ -69,6 +75,15 @@ impl DeviceConfig {
         u32::from(self.queue_size).saturating_sub(2).max(1)
     }
 
+    /// Largest data segment in bytes (`size_max`, VIRTIO_BLK_F_SIZE_MAX,
+    /// virtio 1.2 §5.2.4): [`DeviceConfig::max_transfer`] / `seg_max`,
+    /// rounded down to 4 KiB, at least 4 KiB. A driver's largest request is
+    /// then `seg_max` × `size_max` bytes (Linux: `max_segments` ×
+    /// `max_segment_size`), at most `max_transfer`.
+    pub fn size_max(&self) -> u32 {
+        (self.max_transfer / self.seg_max() / 4096 * 4096).max(4096)
+    }
+
     /// The `struct virtio_blk_config` bytes (little-endian, 60 bytes, up to
     /// `write_zeroes_may_unmap` and its padding; virtio 1.2 §5.2.4).
     pub fn config_space(&self) -> Vec<u8> {
@@ -76,7 +91,7 @@ impl DeviceConfig {
         let put32 =
             |c: &mut Vec<u8>, off: usize, v: u32| c[off..off + 4].copy_from_slice(&v.to_le_bytes());
         c[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
-        // size_max (8) left 0: not offered.
+        put32(&mut c, 8, self.size_max());
         put32(&mut c, 12, self.seg_max());
         // geometry (16..20) not offered.
         put32(&mut c, 20, self.logical_block_size);
@@ -123,6 +138,7 @@ mod tests {
             queue_size: 256,
             read_only: true,
             serial: "x".into(),
+            max_transfer: 32 << 20,
         }
     }
 
@@ -130,7 +146,10 @@ mod tests {
     fn config_space_layout() {
         let c = cfg().config_space();
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2048);
+        // size_max: 32 MiB / 254 segments, rounded down to 4 KiB.
+        assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), 128 << 10);
         assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
+        assert!(cfg().features() & (1 << VIRTIO_BLK_F_SIZE_MAX) != 0);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
         assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 8);

@@ -34,6 +34,9 @@ pub struct Limits {
     pub logical_block_size: u32,
     /// VIRTIO_BLK_F_RO: WRITE, DISCARD and WRITE_ZEROES are refused.
     pub read_only: bool,
+    /// Largest READ or WRITE data buffer in bytes
+    /// ([`super::config::DeviceConfig::max_transfer`]); larger ones are refused.
+    pub max_transfer: u32,
 }
 
 /// One DISCARD or WRITE_ZEROES range (`struct virtio_blk_discard_write_zeroes`),
@@ -144,6 +147,15 @@ pub enum RequestError {
     /// The chain's data adds up to 4 GiB or more (virtio 1.2 §2.7.5.2 forbids it).
     #[error("data buffer of {0} bytes is 4 GiB or more")]
     TooLong(u64),
+    /// A READ or WRITE larger than the device's largest transfer (more than
+    /// the config space lets a driver send: `seg_max` × `size_max`).
+    #[error("data buffer of {len} bytes is over the largest transfer of {max} bytes")]
+    OverMaxTransfer {
+        /// Length in bytes.
+        len: u64,
+        /// The largest transfer in bytes ([`Limits::max_transfer`]).
+        max: u32,
+    },
     /// A WRITE, DISCARD or WRITE_ZEROES on a read-only device.
     #[error("{0} on a read-only device")]
     ReadOnly(&'static str),
@@ -254,7 +266,9 @@ where
                 Command::Discard(_) | Command::WriteZeroes(_) | Command::Flush => Vec::new(),
                 _ => raw.data,
             };
-            let data_len = data.iter().map(|r| r.len).sum();
+            let data_len: u64 = data.iter().map(|r| u64::from(r.len)).sum();
+            // `check` refused 4 GiB or more.
+            let data_len = u32::try_from(data_len).expect("checked against u32::MAX");
             Ok(Request {
                 head: raw.head,
                 status_addr: raw.status_addr,
@@ -305,6 +319,12 @@ fn check_transfer(raw: &RawRequest, limits: &Limits) -> Result<Sector, RequestEr
     let block = limits.logical_block_size;
     let lbs = u64::from(block);
     let len = raw.data_len;
+    if len > u64::from(limits.max_transfer) {
+        return Err(RequestError::OverMaxTransfer {
+            len,
+            max: limits.max_transfer,
+        });
+    }
     if !len.is_multiple_of(lbs) {
         return Err(RequestError::UnalignedLength { len, block });
     }

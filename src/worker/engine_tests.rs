@@ -225,3 +225,64 @@ fn drain_completes_what_storage_still_holds() {
         );
     }
 }
+
+/// A ring stop whose deadline passes while storage still holds requests
+/// (docs/DESIGN.md §8, "Stopping a ring"): `stop` fails within its bound;
+/// when storage completes them later they are finished without a status
+/// byte or a used element (the WRITE's data still reaches the image), and
+/// nothing more is popped.
+#[test]
+fn ring_stop_past_its_deadline_abandons_what_storage_holds() {
+    let (mut rig, gm) = Rig::new();
+    let mut d = rig.driver(&gm);
+    let a = read(&mut d, 0);
+    let b = write(&mut d, 8, &pattern(1, LEN as usize));
+    rig.kick();
+    assert_eq!(rig.fake.held().len(), 2);
+    let t = std::time::Instant::now();
+    let e = rig
+        .worker
+        .stop(std::time::Duration::from_millis(50))
+        .unwrap_err();
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    for slot in held_slots(&rig.fake) {
+        rig.complete_slot(slot);
+    }
+    assert_eq!(rig.worker.inflight(), 0);
+    d.expect_pending(&a);
+    d.expect_pending(&b);
+    assert_eq!(rig.image_at(8, LEN as usize), pattern(1, LEN as usize));
+    let c = read(&mut d, 16);
+    rig.kick();
+    assert!(
+        rig.fake.held().is_empty(),
+        "popped after the ring was abandoned"
+    );
+    d.expect_pending(&c);
+}
+
+/// A ring stop while storage completes within the bound: `stop` returns
+/// only once every popped request is in the used ring.
+#[test]
+fn ring_stop_waits_for_storage_within_its_deadline() {
+    let (mut rig, gm) = Rig::new();
+    let mut d = rig.driver(&gm);
+    let ios = [read(&mut d, 0), read(&mut d, 8)];
+    rig.kick();
+    let fake = rig.fake.clone();
+    let storage = std::thread::spawn(move || {
+        for tag in fake.held() {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            fake.complete(tag);
+        }
+    });
+    rig.worker
+        .stop(std::time::Duration::from_secs(10))
+        .expect("storage completed within the bound");
+    storage.join().unwrap();
+    assert_eq!(rig.worker.inflight(), 0);
+    for io in &ios {
+        d.expect(io, OK, LEN + 1);
+    }
+}

@@ -11,42 +11,106 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK}
 use super::events::emit;
 use super::job::{Io, Job, Stage};
 use super::QueueWorker;
-use crate::guest::{read_ranges, SECTOR_SIZE};
+use crate::guest::{read_ranges, take_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
-use crate::integrity::{crc32c, BLOCK_SIZE};
+use crate::integrity::{crc32c, crc32c_append, BLOCK_SIZE};
 use crate::report::{
     gpa_range, Algorithm, BlockCsum, ChecksumAction, ChecksumFailureEvent, Crc, Event, Outcome,
     ReportOp, TornWriteAction, TornWriteEvent,
 };
 use crate::rule::Rule;
+use crate::sigbus;
 use crate::virtio_blk::Command;
 
-/// CRC32C of each 4 KiB chunk of `data` (the last chunk may be shorter).
-fn chunk_crcs(data: &[u8]) -> Vec<u32> {
-    data.chunks(BLOCK_SIZE as usize).map(crc32c).collect()
+/// Bytes of guest data copied at a time to be checksummed: the size of the
+/// worker's scratch buffer, whatever the request's size (a multiple of 4 KiB).
+pub(super) const CHECKSUM_WINDOW: usize = 1 << 20;
+
+/// CRC32C of each 4 KiB chunk of a byte stream fed in pieces of any size
+/// (the last chunk may be shorter).
+struct ChunkCrcs {
+    crcs: Vec<u32>,
+    crc: u32,
+    filled: usize,
+}
+
+impl ChunkCrcs {
+    /// For a stream of `len` bytes.
+    fn with_len(len: u64) -> ChunkCrcs {
+        ChunkCrcs {
+            crcs: Vec::with_capacity(len.div_ceil(BLOCK_SIZE) as usize),
+            crc: 0,
+            filled: 0,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let n = (BLOCK_SIZE as usize - self.filled).min(data.len());
+            self.crc = crc32c_append(self.crc, &data[..n]);
+            self.filled += n;
+            data = &data[n..];
+            if self.filled == BLOCK_SIZE as usize {
+                self.crcs.push(self.crc);
+                (self.crc, self.filled) = (0, 0);
+            }
+        }
+    }
+
+    /// The CRC of each chunk, in order.
+    fn finish(mut self) -> Vec<u32> {
+        if self.filled > 0 {
+            self.crcs.push(self.crc);
+        }
+        self.crcs
+    }
 }
 
 impl QueueWorker {
-    /// The bytes of `f`'s data buffer as they are now: its bounce buffer, or a
-    /// copy of guest memory into the worker's scratch buffer.
-    fn data_now<'a>(scratch: &'a mut Vec<u8>, f: &'a Job) -> Option<&'a [u8]> {
+    /// Hands `each(offset, bytes)` the bytes of `f`'s data buffer as they
+    /// are now, in order: its bounce buffer whole, or windows of guest
+    /// memory copied into `scratch` (at most [`CHECKSUM_WINDOW`] bytes, so
+    /// the scratch buffer never grows with the request). A window ends where
+    /// `base + offset` is a multiple of 4 KiB (`base` = 0: chunks of the
+    /// buffer; `base` = the image offset: image blocks), so no 4 KiB chunk
+    /// spans two windows. `false` (after a log line) if guest memory cannot
+    /// be read or was lost under the copy ([`crate::sigbus`]), or if `each`
+    /// returns `false`.
+    fn each_window(
+        scratch: &mut Vec<u8>,
+        f: &Job,
+        base: u64,
+        mut each: impl FnMut(u64, &[u8]) -> bool,
+    ) -> bool {
         if let Some(b) = f.bounce() {
-            return Some(b.bytes());
+            return each(0, b.bytes());
         }
-        let len = f.req.data_len as usize;
-        if scratch.len() < len {
-            scratch.resize(len, 0);
+        let len = u64::from(f.req.data_len);
+        if scratch.len() < CHECKSUM_WINDOW {
+            scratch.resize(CHECKSUM_WINDOW, 0);
         }
-        match read_ranges(&*f.mem, &f.req.data, 0, &mut scratch[..len]) {
-            Ok(()) => Some(&scratch[..len]),
-            Err(e) => {
+        let mut off = 0u64;
+        while off < len {
+            let to_edge = CHECKSUM_WINDOW as u64 - (base + off) % BLOCK_SIZE;
+            let n = to_edge.min(len - off) as usize;
+            let window = &mut scratch[..n];
+            if let Err(e) = read_ranges(&*f.mem, &f.req.data, off, window) {
                 log::warn!(
                     "request {}: cannot read guest buffer to checksum it: {e}",
                     f.id
                 );
-                None
+                return false;
             }
+            let ranges = take_ranges(&f.req.data, off, n as u64);
+            if sigbus::lost(&f.mem, ranges.iter().map(|r| (r.addr, u64::from(r.len)))) {
+                return false;
+            }
+            if !each(off, window) {
+                return false;
+            }
+            off += n as u64;
         }
+        true
     }
 
     /// At submission of a WRITE (its range lock held): the CRC32C of every
@@ -65,27 +129,39 @@ impl QueueWorker {
             return;
         }
         let offset = f.req.sector().bytes();
-        let Some(data) = Self::data_now(&mut self.scratch, f) else {
-            return;
-        };
-        let crcs = chunk_crcs(data);
-        let aligned =
-            offset.is_multiple_of(BLOCK_SIZE) && (data.len() as u64).is_multiple_of(BLOCK_SIZE);
-        let merged = if aligned || data.is_empty() {
-            Vec::new()
-        } else {
-            let image = dev.image().file();
-            match store.checksums_with(offset, &[data], |off, buf| image.read_exact_at(buf, off)) {
-                Ok(m) => m,
-                Err(e) => {
-                    log::warn!(
-                        "request {}: cannot read the rest of a partly written block: {e}",
-                        f.id
-                    );
-                    Vec::new()
+        let len = u64::from(f.req.data_len);
+        let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
+        // One copy of the guest bytes serves both: the chunk CRCs (R3) and,
+        // for partial blocks, the merged block checksums the store takes.
+        // Windows end on image blocks: each block is merged whole once.
+        let mut chunks = ChunkCrcs::with_len(len);
+        let mut merged = Vec::new();
+        let mut merge_failed = false;
+        let image = dev.image().file();
+        let read_rest = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
+        let id = f.id;
+        let copied = Self::each_window(&mut self.scratch, f, offset, |off, w| {
+            chunks.feed(w);
+            if !aligned && !merge_failed {
+                match store.checksums_with(offset + off, &[w], read_rest) {
+                    Ok(m) => merged.extend(m),
+                    Err(e) => {
+                        log::warn!(
+                            "request {id}: cannot read the rest of a partly written block: {e}"
+                        );
+                        merge_failed = true;
+                    }
                 }
             }
-        };
+            true
+        });
+        if !copied {
+            return;
+        }
+        let crcs = chunks.finish();
+        if merge_failed {
+            merged.clear();
+        }
         if let Io::Transfer(t) = &mut f.io {
             t.submitted_crcs = crcs;
             t.block_crcs = merged;
@@ -183,10 +259,14 @@ impl QueueWorker {
     /// submission; each changed 4 KiB chunk is a `torn_write`, with what
     /// reached the disk read back from the image.
     fn check_torn(&mut self, f: &Job) {
-        let Some(now) = Self::data_now(&mut self.scratch, f) else {
+        let mut chunks = ChunkCrcs::with_len(u64::from(f.req.data_len));
+        if !Self::each_window(&mut self.scratch, f, 0, |_, w| {
+            chunks.feed(w);
+            true
+        }) {
             return;
-        };
-        let later = chunk_crcs(now);
+        }
+        let later = chunks.finish();
         let offset = f.req.sector().bytes();
         let submitted = f.transfer().map_or(&[][..], |t| &t.submitted_crcs[..]);
         for (i, (&sub, &lat)) in submitted.iter().zip(&later).enumerate() {
@@ -243,16 +323,23 @@ impl QueueWorker {
         let dev = self.dev.clone();
         let store = dev.store().expect("checked by caller");
         let offset = f.req.sector().bytes();
-        let mismatches = match Self::data_now(&mut self.scratch, f) {
-            Some(data) => match store.verify(offset, &[data]) {
-                Ok(m) => m,
-                Err(e) => {
-                    log::error!("request {}: verify: {e}", f.id);
-                    return;
+        let mut mismatches = Vec::new();
+        let id = f.id;
+        // Windows end on image blocks: no block is split between two.
+        if !Self::each_window(&mut self.scratch, f, offset, |off, w| {
+            match store.verify(offset + off, &[w]) {
+                Ok(m) => {
+                    mismatches.extend(m);
+                    true
                 }
-            },
-            None => return,
-        };
+                Err(e) => {
+                    log::error!("request {id}: verify: {e}");
+                    false
+                }
+            }
+        }) {
+            return;
+        }
         for m in mismatches {
             let blen = store.block_len(m.block);
             let mut buf = vec![0u8; blen];
@@ -324,4 +411,21 @@ fn guest_ranges_of(f: &Job, mut start: u64, mut len: u64) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChunkCrcs;
+    use crate::integrity::crc32c;
+
+    #[test]
+    fn chunk_crcs_do_not_depend_on_how_the_stream_is_cut() {
+        let data: Vec<u8> = (0..3 * 4096 + 700).map(|i| (i * 7 % 251) as u8).collect();
+        let want: Vec<u32> = data.chunks(4096).map(crc32c).collect();
+        for cut in [1usize, 512, 4095, 4096, 5000, data.len()] {
+            let mut c = ChunkCrcs::with_len(data.len() as u64);
+            data.chunks(cut).for_each(|p| c.feed(p));
+            assert_eq!(c.finish(), want, "pieces of {cut}");
+        }
+    }
 }

@@ -203,6 +203,11 @@ impl Slots {
         Some(job)
     }
 
+    /// The jobs held, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = &Job> {
+        self.slots.iter().flatten()
+    }
+
     /// Jobs held.
     pub fn len(&self) -> usize {
         self.len

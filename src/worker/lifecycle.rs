@@ -21,6 +21,7 @@ use super::events::{conflict_event, emit};
 use super::job::{
     advance, host_iovecs, lba_blocks, write_extent, BounceBuf, Io, Job, Park, Stage, Transfer,
 };
+use super::memory::{guest_memory_lost, Reserve};
 
 use super::{GuestMem, QueueWorker};
 use crate::guest::{read_ranges, write_ranges};
@@ -51,6 +52,7 @@ impl QueueWorker {
             capacity: self.dev.image().capacity_sectors(),
             logical_block_size: self.dev.config().logical_block_size,
             read_only: self.dev.config().read_only,
+            max_transfer: self.dev.config().max_transfer,
         };
         let req = match parse(chain, &limits) {
             Ok(req) => req,
@@ -212,8 +214,15 @@ impl QueueWorker {
     /// memory comes back, unless `force` (teardown), which lets the pool
     /// overflow.
     pub(super) fn go(&mut self, slot: u32, bounce: bool, force: bool) {
-        if bounce && self.job(slot).bounce().is_none() && !self.take_bounce(slot, force) {
-            return self.park(slot, Park::PoolWait);
+        if bounce && self.job(slot).bounce().is_none() {
+            match self.take_bounce(slot, force) {
+                Reserve::Taken => {}
+                Reserve::Wait => return self.park(slot, Park::PoolWait),
+                Reserve::TooLarge => {
+                    self.job(slot).status = IOERR;
+                    return self.finish(slot);
+                }
+            }
         }
         if !self.lock_range(slot) {
             return self.park(slot, Park::RangeWait);
@@ -237,6 +246,12 @@ impl QueueWorker {
             job.intent = Some((offset, len));
         }
         self.integrity_submit(slot);
+        // The copies just made (bounce, checksums) may have hit guest
+        // memory a truncation took away: then nothing goes to storage.
+        if guest_memory_lost(self.index, self.job(slot)) {
+            self.job(slot).status = IOERR;
+            return self.finish(slot);
+        }
         self.issue(slot)
     }
 
@@ -264,21 +279,18 @@ impl QueueWorker {
     }
 
     /// Gives the job in `slot` a bounce buffer (a WRITE's data copied into
-    /// it) and points its iovec at it. `false` if the pool has no room now.
-    fn take_bounce(&mut self, slot: u32, force: bool) -> bool {
-        let dev = self.dev.clone();
-        let job = self.job(slot);
-        let len = u64::from(job.req.data_len);
-        let limit = dev.policy().bounce_pool_bytes;
-        let reserved =
-            dev.bounce_in_use()
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                    // An empty pool always serves one request, however large.
-                    (force || used == 0 || used + len <= limit).then_some(used + len)
-                });
-        if reserved.is_err() {
-            return false;
+    /// it) and points its iovec at it, if the bounce caps allow
+    /// ([`QueueWorker::reserve_bounce`]).
+    fn take_bounce(&mut self, slot: u32, force: bool) -> Reserve {
+        let (id, len) = {
+            let job = self.job(slot);
+            (job.id, u64::from(job.req.data_len))
+        };
+        let r = self.reserve_bounce(id, len, force);
+        if r != Reserve::Taken {
+            return r;
         }
+        let job = self.job(slot);
         let mut b = BounceBuf::new(len as usize);
         if job.is_write() {
             if let Err(e) = read_ranges(&*job.mem, &job.req.data, 0, b.bytes_mut()) {
@@ -297,7 +309,7 @@ impl QueueWorker {
             t.iov_start = 0;
             t.bounce = Some(b);
         }
-        true
+        Reserve::Taken
     }
 
     /// Pushes the job's storage operations (all of them for a new job, the
@@ -467,7 +479,15 @@ impl QueueWorker {
     /// frees the slot.
     pub(super) fn finish(&mut self, slot: u32) {
         let mut job = self.jobs.take(slot).expect("finished slot is in use");
+        // Lost guest memory (before, or during the checks' copies): the
+        // request fails, and the store takes what the image holds.
+        if job.status == OK && guest_memory_lost(self.index, &job) {
+            job.status = IOERR;
+        }
         self.integrity_complete(&mut job);
+        if job.status == OK && guest_memory_lost(self.index, &job) {
+            job.status = IOERR;
+        }
         if let (Some(store), Some((offset, len))) = (self.dev.store(), job.intent.take()) {
             store.intent_end(offset, len);
         }
@@ -513,7 +533,8 @@ impl QueueWorker {
             _ => None,
         };
         if let Some(b) = bounce {
-            if job.is_read() && job.status == OK {
+            // Not after a failed ring stop: guest memory is the frontend's again.
+            if job.is_read() && job.status == OK && !self.abandoned {
                 if let Err(e) = write_ranges(&*job.mem, &job.req.data, 0, b.bytes()) {
                     log::warn!(
                         "request {}: cannot copy the bounce buffer to the guest: {e}",
@@ -522,9 +543,10 @@ impl QueueWorker {
                     job.status = IOERR;
                 }
             }
-            self.dev
-                .bounce_in_use()
-                .fetch_sub(b.len() as u64, Ordering::AcqRel);
+            self.release_bounce(b.len() as u64);
+            if job.status == OK && guest_memory_lost(self.index, &job) {
+                job.status = IOERR;
+            }
         }
         let c = self.counters();
         let len = u64::from(job.req.data_len);

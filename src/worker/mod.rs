@@ -15,10 +15,13 @@ mod inflight;
 mod integrity;
 mod job;
 mod lifecycle;
+mod memory;
 mod park;
 
+use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
@@ -68,6 +71,54 @@ pub struct QueueWorker {
     completions: Vec<(Tag, i32)>,
     /// Inflight I/O tracking (vhost-user), when the frontend set a record.
     tracking: inflight::Tracking,
+    /// Chains were left available (the in-flight cap or the round limit of
+    /// [`QueueWorker::process_queue`]): pop them at the next completion.
+    pop_pending: bool,
+    /// The ring fault last logged (logged once per episode, not per kick).
+    fault: Option<RingFault>,
+    /// A ring stop gave up on requests still in flight
+    /// ([`QueueWorker::abandon`]): from then on nothing is written to guest
+    /// memory or the used ring any more.
+    abandoned: bool,
+}
+
+/// Rounds of popping one kick may take under EVENT_IDX while the driver
+/// keeps adding chains; then the worker lets go of its lock (a ring stop may
+/// be waiting for it) and goes on from its completion eventfd.
+const POP_ROUNDS: usize = 4;
+
+/// Why a ring cannot be served (virtio 1.2 §2.7: a driver error; the device
+/// stops using the ring until it is set up again, and logs it once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RingFault {
+    /// The avail `idx` is more than the queue size ahead of the device's
+    /// next index (virtio 1.2 §2.7.6: at most queue size entries are available).
+    AvailAhead {
+        /// The driver's avail `idx`.
+        avail: u16,
+        /// The device's next avail index.
+        next: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// The avail or used ring cannot be read or written (not in guest memory).
+    Unreachable,
+    /// More requests in flight than the queue has descriptors: the driver
+    /// made a head available again before it was used (virtio 1.2 §2.7.13).
+    Overcommitted,
+}
+
+/// What the avail ring holds for the device.
+enum Avail {
+    /// This many chains to pop (at most the queue size).
+    Pending(u16),
+    /// Nothing.
+    Nothing,
+    /// The ring is not ready (being stopped, not yet set up) or the worker
+    /// was abandoned: nothing may be popped.
+    NotReady,
+    /// Nothing can be popped because of a driver error.
+    Fault(RingFault),
 }
 
 impl QueueWorker {
@@ -154,6 +205,9 @@ impl QueueWorker {
             scratch: Vec::new(),
             completions: Vec::new(),
             tracking: inflight::Tracking::default(),
+            pop_pending: false,
+            fault: None,
+            abandoned: false,
         })
     }
 
@@ -179,61 +233,156 @@ impl QueueWorker {
     }
 
     /// Handles a kick: pops every available descriptor chain and starts it.
+    ///
+    /// Bounded whatever the driver writes: at most the queue size chains in
+    /// flight, at most `POP_ROUNDS` (4) rounds of popping per call (the rest
+    /// is popped from the completion eventfd), and nothing popped from a
+    /// ring that is not ready (being stopped) or whose avail index is
+    /// inconsistent: that is logged once, not per kick.
     pub fn process_queue(&mut self, vring: &Vring) {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
         self.resubmit_inflight(vring);
-        loop {
+        self.pop_pending = false;
+        for round in 1..=POP_ROUNDS {
             if self.event_idx {
                 if let Err(e) = vring.disable_notification() {
-                    log::error!("queue {}: cannot disable notifications: {e}", self.index);
+                    log::debug!("queue {}: cannot disable notifications: {e}", self.index);
                 }
             }
-            let mut popped = 0usize;
-            loop {
-                // Snapshot guest memory for each chain, after the avail index
-                // was read, so a memory-table change is seen at once.
-                let mem = self.mem.memory().into_inner();
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                self.inflight_mark(chain.head_index());
-                self.start(mem, chain);
-                popped += 1;
+            if self.pop_available(vring).is_none() {
+                // Nothing can be popped although the avail index may be
+                // ahead (ring stopping, a fault, the in-flight cap): looping
+                // would spin under the worker's lock (issue 13 findings 1-2).
+                if self.event_idx && !self.abandoned {
+                    let _ = vring.enable_notification();
+                }
+                break;
             }
             if !self.event_idx {
                 break;
             }
             match vring.enable_notification() {
-                // More was made available meanwhile: pop it. But if nothing
-                // could be popped although the avail index says there is
-                // more (an avail index more than the queue size ahead, a
-                // ring not ready), looping would spin forever under the
-                // worker's lock (and block GET_VRING_BASE): stop here.
-                Ok(true) if popped == 0 => {
-                    log::warn!(
-                        "queue {}: avail index ahead but no descriptor chain can be popped; \
-                         waiting for the next kick",
-                        self.index
-                    );
-                    break;
+                // More was made available meanwhile: pop it, a few rounds at most.
+                Ok(true) if round < POP_ROUNDS => continue,
+                Ok(true) => {
+                    self.pop_pending = true;
+                    let _ = self.engine.completion_fd().write(1);
                 }
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log::error!("queue {}: cannot enable notifications: {e}", self.index);
-                    break;
-                }
+                Ok(false) => {}
+                Err(_) => self.set_fault(Some(RingFault::Unreachable)),
             }
+            break;
         }
         self.engine.submit();
         if self.engine.completes_inline() {
             self.reap();
         }
         self.signal(vring);
+    }
+
+    /// Pops and starts the chains the avail ring holds, up to the in-flight
+    /// cap (the queue size); returns how many, or `None` if nothing can be
+    /// popped although chains may be available (ring not ready, a fault,
+    /// the cap).
+    fn pop_available(&mut self, vring: &Vring) -> Option<usize> {
+        let (n, size) = match self.avail(vring) {
+            (Avail::Pending(n), size) => (n, size),
+            (Avail::Nothing, _) => return Some(0),
+            (Avail::NotReady, _) => return None,
+            (Avail::Fault(f), _) => {
+                self.set_fault(Some(f));
+                return None;
+            }
+        };
+        let mut popped = 0;
+        for _ in 0..n {
+            if self.jobs.len() >= usize::from(size) {
+                self.set_fault(Some(RingFault::Overcommitted));
+                self.pop_pending = true;
+                return (popped > 0).then_some(popped);
+            }
+            // Snapshot guest memory for each chain, after the avail index
+            // was read, so a memory-table change is seen at once.
+            let mem = self.mem.memory().into_inner();
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            self.inflight_mark(chain.head_index());
+            self.start(mem, chain);
+            popped += 1;
+        }
+        if popped > 0 {
+            self.set_fault(None);
+        }
+        Some(popped)
+    }
+
+    /// Reads the avail index and judges it against the device's next index
+    /// and the queue size (virtio 1.2 §2.7.6); also the queue size.
+    fn avail(&self, vring: &Vring) -> (Avail, u16) {
+        if self.abandoned {
+            return (Avail::NotReady, 0);
+        }
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        let size = q.size();
+        if !q.ready() {
+            return (Avail::NotReady, size);
+        }
+        let mem = self.mem.memory();
+        let avail = match q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(i) => i,
+            Err(_) => return (Avail::Fault(RingFault::Unreachable), size),
+        };
+        let ahead = (avail - Wrapping(q.next_avail())).0;
+        let a = if ahead == 0 {
+            Avail::Nothing
+        } else if ahead > size {
+            Avail::Fault(RingFault::AvailAhead {
+                avail: avail.0,
+                next: q.next_avail(),
+                size,
+            })
+        } else {
+            Avail::Pending(ahead)
+        };
+        (a, size)
+    }
+
+    /// Records the ring's fault (`None`: served again), logging a new one once.
+    fn set_fault(&mut self, f: Option<RingFault>) {
+        // One line per kind of fault, not per value a driver may cycle through.
+        if f.as_ref().map(std::mem::discriminant) == self.fault.as_ref().map(std::mem::discriminant)
+        {
+            return;
+        }
+        match f {
+            Some(RingFault::AvailAhead { avail, next, size }) => log::warn!(
+                "queue {}: driver error: avail index {avail} is more than the queue size \
+                 ({size}) ahead of the next index {next}; nothing popped until it is consistent",
+                self.index
+            ),
+            Some(RingFault::Unreachable) => log::warn!(
+                "queue {}: driver error: the avail or used ring is not in guest memory; \
+                 nothing popped until it is",
+                self.index
+            ),
+            Some(RingFault::Overcommitted) => log::warn!(
+                "queue {}: driver error: more requests made available than the queue has \
+                 entries while {} are in flight; the rest waits for completions",
+                self.index,
+                self.jobs.len()
+            ),
+            None if self.fault != Some(RingFault::Overcommitted) => {
+                log::info!("queue {}: ring served again", self.index)
+            }
+            None => {}
+        }
+        self.fault = f;
     }
 
     /// Handles the completion eventfd: completes every finished request and
@@ -245,6 +394,10 @@ impl QueueWorker {
         self.resubmit_inflight(vring);
         self.reap();
         self.retry_parked(false);
+        if self.pop_pending {
+            // process_queue submits and signals.
+            return self.process_queue(vring);
+        }
         self.engine.submit();
         self.signal(vring);
     }
@@ -257,16 +410,34 @@ impl QueueWorker {
     }
 
     /// [`QueueWorker::drain`], giving up at `deadline` (if any); `true` when
-    /// nothing is left. A request waiting for an LBA range held by another
-    /// queue's request needs that queue to make progress too: drain all
-    /// queues of a connection in turns with short deadlines.
-    pub fn drain_until(&mut self, deadline: Option<std::time::Instant>) -> bool {
+    /// nothing is left. With a deadline the wait is bounded by it (poll(2)
+    /// on the completion eventfd), whatever storage does. A request waiting
+    /// for an LBA range held by another queue's request needs that queue to
+    /// make progress too: drain all queues of a connection in turns with
+    /// short deadlines.
+    pub fn drain_until(&mut self, deadline: Option<Instant>) -> bool {
         self.retry_parked(true);
-        while !self.jobs.is_empty() && deadline.is_none_or(|d| std::time::Instant::now() < d) {
-            if let Err(e) = self.engine.wait() {
-                if e.raw_os_error() != Some(libc::EINTR) {
-                    log::error!("queue {}: io_uring wait failed: {e}", self.index);
-                    break;
+        while !self.jobs.is_empty() {
+            match deadline {
+                None => {
+                    if let Err(e) = self.engine.wait() {
+                        if e.raw_os_error() != Some(libc::EINTR) {
+                            log::error!("queue {}: io_uring wait failed: {e}", self.index);
+                            break;
+                        }
+                    }
+                }
+                Some(d) => {
+                    // What is ready already (inline completions too) first.
+                    self.engine.submit();
+                    self.reap();
+                    self.retry_parked(true);
+                    let now = Instant::now();
+                    if self.jobs.is_empty() || now >= d {
+                        break;
+                    }
+                    crate::sys::wait_readable(self.engine.completion_fd(), d - now);
+                    let _ = self.engine.completion_fd().read();
                 }
             }
             self.reap();
@@ -276,6 +447,50 @@ impl QueueWorker {
             self.signal(&v);
         }
         self.jobs.is_empty()
+    }
+
+    /// Stops the ring for vhost-user GET_VRING_BASE: drains for at most
+    /// `limit`. `Ok` when every popped request is done and in the used ring.
+    /// Otherwise the requests still in flight may still be under DMA into
+    /// guest memory, so the ring cannot be reported stopped: they are
+    /// logged, the worker is [abandoned](QueueWorker::abandon), and the
+    /// error says how many (docs/DESIGN.md §8, "Stopping a ring").
+    ///
+    /// # Errors
+    /// `TimedOut` naming the requests still in flight after `limit`.
+    pub fn stop(&mut self, limit: Duration) -> std::io::Result<()> {
+        if self.drain_until(Some(Instant::now() + limit)) {
+            return Ok(());
+        }
+        let n = self.abandon();
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "queue {}: {n} request(s) still in flight {limit:?} after the ring stop began; \
+                 the ring cannot be reported stopped",
+                self.index
+            ),
+        ))
+    }
+
+    /// Gives up on reporting the requests in flight: each is logged (id,
+    /// head, stage); when it finishes it is completed inside pinblk (pins,
+    /// checksums, range locks) but neither its data (bounced READ), its
+    /// status byte nor its used element reaches guest memory, and nothing
+    /// more is popped. Returns how many were in flight.
+    pub fn abandon(&mut self) -> usize {
+        self.abandoned = true;
+        for job in self.jobs.iter() {
+            log::error!(
+                "queue {}: request {} (head {}, {:?}) still in flight at the ring stop: \
+                 it completes inside pinblk, unreported to the driver",
+                self.index,
+                job.id,
+                job.req.head,
+                job.req.command,
+            );
+        }
+        self.jobs.len()
     }
 
     /// Reaps every available completion and moves its request on.
@@ -324,6 +539,14 @@ impl QueueWorker {
         status: u8,
         used_len: u32,
     ) {
+        if self.abandoned {
+            log::warn!(
+                "queue {}: head {head} finished (status {status}) after the ring stop gave \
+                 up on it: not reported to the driver",
+                self.index
+            );
+            return;
+        }
         if let Some(addr) = status_addr {
             if let Err(e) = mem.write_obj(status, addr) {
                 log::warn!(
@@ -346,7 +569,10 @@ impl QueueWorker {
             .expect("vring is known once a chain was popped");
         self.inflight_pre_put(head);
         if let Err(e) = vring.add_used(head, used_len) {
-            log::error!("queue {}: cannot add used element {head}: {e}", self.index);
+            // Once per episode, not once per request (the used ring left
+            // guest memory: REM_MEM_REG of its region, say).
+            log::debug!("queue {}: cannot add used element {head}: {e}", self.index);
+            self.set_fault(Some(RingFault::Unreachable));
         }
         self.inflight_post_put(head, &vring);
         self.needs_signal = true;

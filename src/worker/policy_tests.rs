@@ -83,6 +83,7 @@ fn settings(policy: Policy) -> PolicyConfig {
         read_delay: None,
         read_delay_probability: 1.0,
         bounce_pool_bytes: 64 << 20,
+        bounce_queue_bytes: 32 << 20,
     }
 }
 
@@ -724,7 +725,7 @@ fn bounce_always_copies_every_write() {
 fn bounce_pool_exhausted_waits_for_memory() {
     let policy = PolicyConfig {
         bounce_always: true,
-        bounce_pool_bytes: 4096,
+        bounce_pool_bytes: u64::from(LEN),
         ..settings(Policy::Bounce)
     };
     let (mut rig, gm) = Rig::new(policy, NOT_LONG);
@@ -734,7 +735,7 @@ fn bounce_pool_exhausted_waits_for_memory() {
     fill(&gm, W1, &b);
     let wa = d0.write_from(DST, W0);
     rig.kick(0);
-    // An empty pool serves one request, however large.
+    // The first fills the pool.
     assert_eq!(rig.bounce_in_use(), u64::from(LEN));
     fill(&gm, W0, &[0x77; LEN as usize]);
     let wb = d1.write_from(DST2, W1);
@@ -752,6 +753,70 @@ fn bounce_pool_exhausted_waits_for_memory() {
     assert!(rig.conflicts().is_empty());
     rig.drain(0);
     rig.drain(1);
+    rig.assert_idle();
+}
+
+#[test]
+fn a_request_over_the_bounce_caps_fails_without_taking_memory() {
+    // Issue 13 finding 8 / item 4: no "an empty pool serves one request,
+    // however large" any more: over the per-device or per-queue cap is IOERR.
+    for (pool, queue) in [
+        (u64::from(LEN) - 4096, 64 << 20),
+        (64 << 20, u64::from(LEN) / 2),
+    ] {
+        let policy = PolicyConfig {
+            bounce_always: true,
+            bounce_pool_bytes: pool,
+            bounce_queue_bytes: queue,
+            ..settings(Policy::Bounce)
+        };
+        let (mut rig, gm) = Rig::new(policy, NOT_LONG);
+        let (mut d0, _d1) = rig.drivers(&gm);
+        fill(&gm, W0, &pattern(1, LEN as usize));
+        let before = rig.image_at(DST);
+        let wa = d0.write_from(DST, W0);
+        rig.kick(0);
+        assert_eq!(rig.bounce_in_use(), 0, "pool {pool} queue {queue}");
+        rig.drain(0);
+        d0.expect(&wa, IOERR, 1);
+        assert_eq!(rig.image_at(DST), before);
+        assert_eq!(
+            rig.dev.queue_counters()[0]
+                .bounce_bytes
+                .load(Ordering::Relaxed),
+            0
+        );
+        rig.assert_idle();
+    }
+}
+
+#[test]
+fn a_queue_waits_at_its_own_cap_while_the_pool_has_room() {
+    let policy = PolicyConfig {
+        bounce_always: true,
+        bounce_queue_bytes: u64::from(LEN),
+        ..settings(Policy::Bounce)
+    };
+    let (mut rig, gm) = Rig::new(policy, NOT_LONG);
+    let (mut d0, mut d1) = rig.drivers(&gm);
+    let (a, b) = (pattern(1, LEN as usize), pattern(2, LEN as usize));
+    fill(&gm, W0, &a);
+    fill(&gm, W1, &b);
+    let wa = d0.write_from(DST, W0);
+    let wb = d0.write_from(DST2, W1);
+    rig.kick(0);
+    // Queue 0 holds its cap; its second WRITE waits, queue 1 is not held up.
+    assert_eq!(rig.bounce_in_use(), u64::from(LEN));
+    d0.expect_pending(&wb);
+    let wc = d1.write_from(DST + 2 * u64::from(LEN) / 512, W1);
+    rig.kick(1);
+    rig.drain(1);
+    d1.expect(&wc, OK, 1);
+    rig.drain(0);
+    d0.expect(&wa, OK, 1);
+    d0.expect(&wb, OK, 1);
+    assert_eq!(rig.image_at(DST), a);
+    assert_eq!(rig.image_at(DST2), b);
     rig.assert_idle();
 }
 

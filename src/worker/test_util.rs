@@ -89,6 +89,7 @@ pub(crate) fn device_with(
             queue_size: QSIZE,
             read_only,
             serial: serial.into(),
+            max_transfer: crate::device::DEFAULT_MAX_TRANSFER,
         },
         image,
         parts,

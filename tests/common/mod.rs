@@ -2,6 +2,10 @@
 //! talk to it with libblkio (`blkio` crate, driver `virtio-blk-vhost-user`).
 #![allow(dead_code)]
 
+pub mod blk;
+pub mod frontend;
+pub mod guest_mem;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

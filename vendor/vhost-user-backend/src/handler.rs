@@ -450,6 +450,14 @@ where
             );
             return Err(VhostUserError::InvalidParam);
         }
+        // pinblk: a split virtqueue's size is a power of two (virtio 1.2
+        // §2.7: "Queue Size value is always a power of 2"). `Queue::set_size`
+        // only logs an invalid size and keeps the old one, so the frontend
+        // was acked for a size the ring does not have: refuse it instead.
+        if !num.is_power_of_two() {
+            log::error!("vring {index} requested queue size {num}, not a power of two");
+            return Err(VhostUserError::InvalidParam);
+        }
         vring.set_queue_size(num as u16);
         Ok(())
     }

@@ -1,0 +1,577 @@
+//! Guest memory that the frontend can take away (docs/DESIGN.md §5, "Guest
+//! memory that vanishes"; issue 13 finding 5).
+//!
+//! A vhost-user frontend hands over each guest memory region as a file
+//! descriptor with an offset and a size (vhost-user spec, SET_MEM_TABLE and
+//! ADD_MEM_REG), which vhost-user-backend maps `MAP_SHARED` without checking
+//! the file's size. A page of such a mapping that lies past the end of its
+//! file raises SIGBUS (`BUS_ADRERR`) when the CPU touches it: a region
+//! declared larger than its file, or a file truncated later. (The kernel's own
+//! accesses, io_uring DMA, get EFAULT instead.) pinblk's CPU touches guest
+//! memory for the rings, the status byte, checksum copies and bounce copies.
+//!
+//! - [`accept_memory`], on every memory-table change, refuses a region larger
+//!   than its file and registers the host-virtual range of every mapped region.
+//! - A SIGBUS handler: a fault inside a registered range maps anonymous memory
+//!   over the rest of that region (`MAP_FIXED`, from the faulting page on), so
+//!   the faulting instruction retries and completes on harmless memory, and
+//!   records where the region became lost. A fault anywhere else restores
+//!   the previous action (default: terminate), so real bugs still crash.
+//! - [`lost`]: whether a request's guest ranges touch lost memory; the worker
+//!   asks after its CPU accesses and fails such a request with IOERR.
+//!
+//! The handler reads only a fixed array of atomics (async-signal-safe) and
+//! calls only mmap(2) and sigaction(2).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock, Weak};
+
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
+};
+
+/// Guest memory as vhost-user-backend maps it (no dirty bitmap).
+type Mem = GuestMemoryMmap<()>;
+
+/// Regions watched at once: vhost-user-backend's 509 memory slots, twice
+/// (a new table's regions and an old table's still held by requests in flight).
+pub const MAX_WATCHED_REGIONS: usize = 1024;
+
+/// One watched region, written by [`accept_memory`] (under [`TRACKER`]) and
+/// read by the signal handler. `state` is a sequence lock: bit 0 set = live,
+/// the rest a generation bumped at every change.
+struct Slot {
+    state: AtomicU64,
+    /// Host-virtual address of the region's first byte.
+    start: AtomicUsize,
+    /// Host-virtual address one past its last byte.
+    end: AtomicUsize,
+    /// Mapping granule in bytes (the page size; the huge page size on hugetlbfs).
+    granule: AtomicUsize,
+    /// Lowest host-virtual address replaced by anonymous memory after a
+    /// SIGBUS (`usize::MAX`: none); everything from it to `end` is lost.
+    lost_from: AtomicUsize,
+}
+
+impl Slot {
+    const fn new() -> Slot {
+        Slot {
+            state: AtomicU64::new(0),
+            start: AtomicUsize::new(0),
+            end: AtomicUsize::new(0),
+            granule: AtomicUsize::new(4096),
+            lost_from: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// `(start, end, granule, lost_from)` if live, read consistently.
+    fn read(&self) -> Option<(usize, usize, usize, usize)> {
+        let s1 = self.state.load(Ordering::Acquire);
+        if s1 & 1 == 0 {
+            return None;
+        }
+        let v = (
+            self.start.load(Ordering::Relaxed),
+            self.end.load(Ordering::Relaxed),
+            self.granule.load(Ordering::Relaxed),
+            self.lost_from.load(Ordering::Relaxed),
+        );
+        fence(Ordering::Acquire);
+        (self.state.load(Ordering::Relaxed) == s1).then_some(v)
+    }
+}
+
+static SLOTS: [Slot; MAX_WATCHED_REGIONS] = [const { Slot::new() }; MAX_WATCHED_REGIONS];
+/// SIGBUS faults absorbed since start.
+static FAULTS: AtomicU64 = AtomicU64::new(0);
+/// The SIGBUS action found at installation, restored for faults not ours.
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+static INSTALL: Once = Once::new();
+
+/// Identity of a mapped region: host range, and the file behind it (so that
+/// a new mapping at a reused address is not taken for the old one).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key {
+    start: usize,
+    end: usize,
+    dev: u64,
+    ino: u64,
+}
+
+/// The non-signal side: every memory snapshot seen (weakly: a region stays
+/// mapped while any snapshot holding it lives) and which slot holds which key.
+struct Tracker {
+    snapshots: Vec<Weak<Mem>>,
+    keys: Vec<Option<Key>>,
+}
+
+static TRACKER: Mutex<Tracker> = Mutex::new(Tracker {
+    snapshots: Vec::new(),
+    keys: Vec::new(),
+});
+
+/// Checks and watches the guest memory vhost-user-backend has just installed
+/// (call from `VhostUserBackend::update_memory`, after every SET_MEM_TABLE,
+/// ADD_MEM_REG and REM_MEM_REG).
+///
+/// Every region backed by a regular file must fit in it: `mmap_offset +
+/// memory_size <= file size` (bytes). A region that does not is taken out of
+/// `mem` again (so nothing touches it; the rest of the table stays), and the
+/// refusal is returned, which vhost-user-backend turns into a failed
+/// REPLY_ACK and the end of the connection; pinblk then serves the next one.
+/// Every region still mapped is registered with the SIGBUS handler (installed
+/// on first use), and regions no snapshot maps any more are forgotten.
+///
+/// # Errors
+/// `ErrorKind::InvalidInput` naming each region larger than its file.
+pub fn accept_memory(mem: &GuestMemoryAtomic<Mem>) -> io::Result<()> {
+    install();
+    let snapshot = mem.memory().into_inner();
+    watch(Some(&snapshot));
+    let bad: Vec<(GuestAddress, u64, String)> = snapshot
+        .iter()
+        .filter_map(|r| region_fits(r).err().map(|e| (r.start_addr(), r.len(), e)))
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let mut kept: Option<Mem> = None;
+    for (base, len, _) in &bad {
+        let from = kept.as_ref().unwrap_or(&snapshot);
+        if let Ok((m, _)) = from.remove_region(*base, *len) {
+            kept = Some(m);
+        }
+    }
+    if let Some(m) = kept {
+        mem.lock().unwrap_or_else(|p| p.into_inner()).replace(m);
+        watch(Some(&mem.memory().into_inner()));
+    }
+    let why: Vec<String> = bad.into_iter().map(|(_, _, e)| e).collect();
+    let msg = format!("memory table refused: {}", why.join("; "));
+    log::error!("{msg}");
+    Err(io::Error::new(io::ErrorKind::InvalidInput, msg))
+}
+
+/// Whether the region's file (a regular file) holds every byte it maps.
+fn region_fits(r: &GuestRegionMmap<()>) -> Result<(), String> {
+    let Some(fo) = r.file_offset() else {
+        return Ok(());
+    };
+    let what = |detail: String| {
+        format!(
+            "region at guest-physical {:#x} size {:#x} (mmap_offset {:#x}): {detail}",
+            r.start_addr().0,
+            r.len(),
+            fo.start()
+        )
+    };
+    let meta = fo
+        .file()
+        .metadata()
+        .map_err(|e| what(format!("cannot stat its file: {e}")))?;
+    if !meta.is_file() {
+        // Devices and the like: no size to check; the handler still watches it.
+        return Ok(());
+    }
+    match fo.start().checked_add(r.len()) {
+        Some(end) if end <= meta.len() => Ok(()),
+        _ => Err(what(format!(
+            "larger than its file of {} bytes (a CPU access past the end would raise SIGBUS)",
+            meta.len()
+        ))),
+    }
+}
+
+/// Forgets the regions no memory snapshot maps any more. [`accept_memory`]
+/// does it at every memory-table change; call it also when a connection's
+/// memory is gone (so that a later mapping at a reused address is not taken
+/// for guest memory by the SIGBUS handler).
+pub fn forget_unmapped() {
+    watch(None);
+}
+
+/// Registers the regions of `snapshot` and forgets regions no live snapshot maps.
+fn watch(snapshot: Option<&Arc<Mem>>) {
+    let mut t = TRACKER.lock().unwrap_or_else(|p| p.into_inner());
+    if t.keys.is_empty() {
+        t.keys = vec![None; MAX_WATCHED_REGIONS];
+    }
+    if let Some(s) = snapshot {
+        t.snapshots.push(Arc::downgrade(s));
+    }
+    let live: Vec<Arc<Mem>> = t.snapshots.iter().filter_map(Weak::upgrade).collect();
+    t.snapshots = live.iter().map(Arc::downgrade).collect();
+    let mut mapped: Vec<(Key, usize)> = Vec::new();
+    for m in &live {
+        for r in m.iter() {
+            let start = r.as_ptr() as usize;
+            let (dev, ino, granule) = file_identity(r);
+            let key = Key {
+                start,
+                end: start + r.len() as usize,
+                dev,
+                ino,
+            };
+            if !mapped.iter().any(|(k, _)| *k == key) {
+                mapped.push((key, granule));
+            }
+        }
+    }
+    for (i, slot) in SLOTS.iter().enumerate() {
+        if let Some(k) = t.keys[i] {
+            if !mapped.iter().any(|(m, _)| *m == k) {
+                let s = slot.state.load(Ordering::Relaxed);
+                slot.state.store((s | 1) + 1, Ordering::Release);
+                t.keys[i] = None;
+            }
+        }
+    }
+    for (key, granule) in mapped {
+        if t.keys.contains(&Some(key)) {
+            continue;
+        }
+        let Some(i) = t.keys.iter().position(Option::is_none) else {
+            log::warn!(
+                "more than {MAX_WATCHED_REGIONS} guest memory regions mapped: \
+                 a SIGBUS in {:#x}..{:#x} will not be caught",
+                key.start,
+                key.end
+            );
+            continue;
+        };
+        let slot = &SLOTS[i];
+        let s = slot.state.load(Ordering::Relaxed);
+        // Not live (even) while the fields change; then live (odd).
+        slot.state.store((s | 1) + 1, Ordering::Release);
+        fence(Ordering::Release);
+        slot.start.store(key.start, Ordering::Relaxed);
+        slot.end.store(key.end, Ordering::Relaxed);
+        slot.granule.store(granule, Ordering::Relaxed);
+        slot.lost_from.store(usize::MAX, Ordering::Relaxed);
+        slot.state.store((s | 1) + 2, Ordering::Release);
+        t.keys[i] = Some(key);
+    }
+}
+
+/// The (device, inode) of a region's file (0, 0 if anonymous) and its
+/// mapping granule in bytes.
+fn file_identity(r: &GuestRegionMmap<()>) -> (u64, u64, usize) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: sysconf only reads a system constant.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let Some(fo) = r.file_offset() else {
+        return (0, 0, page);
+    };
+    let (dev, ino) = fo
+        .file()
+        .metadata()
+        .map(|m| (m.dev(), m.ino()))
+        .unwrap_or((0, 0));
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `fs`, a valid statfs we own; the fd is open
+    // (owned by the region's FileOffset).
+    let hugetlb = unsafe { libc::fstatfs(fo.file().as_raw_fd(), &mut fs) } == 0
+        && fs.f_type as u64 == libc::HUGETLBFS_MAGIC as u64;
+    let granule = if hugetlb {
+        usize::try_from(fs.f_bsize).unwrap_or(page).max(page)
+    } else {
+        page
+    };
+    (dev, ino, granule)
+}
+
+/// Whether any byte of the guest-physical ranges `(address, length in
+/// bytes)` of `mem` lies in memory replaced after a SIGBUS. Ranges outside
+/// `mem` are not lost (other checks refuse them). One atomic load while no
+/// SIGBUS ever happened; after one, one scan of the watched regions per
+/// region of `mem` the ranges touch.
+pub fn lost(mem: &Mem, ranges: impl IntoIterator<Item = (u64, u64)>) -> bool {
+    if FAULTS.load(Ordering::Acquire) == 0 {
+        return false;
+    }
+    // (host start of a region of `mem`, host address from which it is lost)
+    let mut seen: Vec<(usize, usize)> = Vec::new();
+    for (gpa, len) in ranges {
+        let end = gpa.saturating_add(len);
+        let mut a = gpa;
+        while a < end {
+            let Some(r) = mem.find_region(GuestAddress(a)) else {
+                break;
+            };
+            let base = r.as_ptr() as usize;
+            let lost_from = match seen.iter().find(|(b, _)| *b == base) {
+                Some(&(_, l)) => l,
+                None => {
+                    let l = lost_from(base);
+                    seen.push((base, l));
+                    l
+                }
+            };
+            let off = a - r.start_addr().0;
+            let n = (end - a).min(r.len() - off);
+            if lost_from < (base + off as usize).saturating_add(n as usize) {
+                return true;
+            }
+            a += n;
+        }
+    }
+    false
+}
+
+/// The host-virtual address from which the watched region starting at
+/// `base` is lost (`usize::MAX`: nothing lost, or not watched).
+fn lost_from(base: usize) -> usize {
+    SLOTS
+        .iter()
+        .filter_map(Slot::read)
+        .find(|&(s, _, _, _)| s == base)
+        .map_or(usize::MAX, |(_, _, _, l)| l)
+}
+
+/// SIGBUS faults on guest memory absorbed since start (for logs).
+pub fn faults() -> u64 {
+    FAULTS.load(Ordering::Acquire)
+}
+
+/// Installs the SIGBUS handler once per process.
+pub fn install() {
+    INSTALL.call_once(|| {
+        // SAFETY: an all-zero sigaction is a valid value of this C struct.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: queries the current action into `old`, which we own.
+        if unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) } == 0 {
+            let _ = PREVIOUS.set(old);
+        }
+        // SAFETY: as above.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        // SAFETY: `sa.sa_mask` is ours; sigemptyset only initializes it.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        // SAFETY: installs a handler that is async-signal-safe (see
+        // `on_sigbus`); `sa` is fully initialized.
+        if unsafe { libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) } != 0 {
+            log::warn!(
+                "cannot install the SIGBUS handler: {}; a truncated guest memory file will kill pinblk",
+                io::Error::last_os_error()
+            );
+        }
+    });
+}
+
+/// The SIGBUS handler. Async-signal-safe: reads the slot atomics, calls
+/// mmap(2) or sigaction(2), saves and restores errno.
+extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: errno is thread-local; __errno_location returns this thread's.
+    let errno = unsafe { *libc::__errno_location() };
+    // SAFETY: the kernel passes a valid siginfo with SA_SIGINFO; for SIGBUS
+    // si_addr is the faulting address.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    if code != libc::BUS_ADRERR || !replace(addr) {
+        // Not guest memory past the end of its file: the previous action
+        // (default: terminate with a core) takes the fault when it repeats.
+        let dfl = {
+            // SAFETY: as in `install`.
+            let mut d: libc::sigaction = unsafe { std::mem::zeroed() };
+            d.sa_sigaction = libc::SIG_DFL;
+            d
+        };
+        let prev = PREVIOUS.get().unwrap_or(&dfl);
+        // SAFETY: sigaction is async-signal-safe; `prev` is a valid action.
+        unsafe { libc::sigaction(libc::SIGBUS, prev, std::ptr::null_mut()) };
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Maps anonymous memory over the registered region holding `addr`, from
+/// the granule of `addr` to the region's end. `false` if `addr` is in no
+/// registered region or mmap fails.
+fn replace(addr: usize) -> bool {
+    for slot in &SLOTS {
+        let Some((start, end, granule, _)) = slot.read() else {
+            continue;
+        };
+        if addr < start || addr >= end {
+            continue;
+        }
+        let page = (addr & !(granule - 1)).max(start);
+        // SAFETY: [page, end) lies inside a guest memory mapping that is
+        // still mapped (a slot is freed only once no snapshot maps it), so
+        // MAP_FIXED replaces only guest memory, never memory of pinblk's own.
+        // No Rust reference points into guest memory (it is accessed only
+        // through volatile copies and atomics), so changing what backs it
+        // breaks no aliasing rule. From `page` on the region counts as lost
+        // (`lost_from`): past the end of the file (truncation) nothing is
+        // there to lose, and in any other case (hugetlbfs out of huge pages)
+        // every request touching it fails, so no data goes missing silently.
+        // mmap is a plain system call, safe in a signal handler.
+        let p = unsafe {
+            libc::mmap(
+                page as *mut libc::c_void,
+                end - page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return false;
+        }
+        slot.lost_from.fetch_min(page, Ordering::AcqRel);
+        FAULTS.fetch_add(1, Ordering::AcqRel);
+        return true;
+    }
+    false
+}
+
+/// Unit tests of the guest memory checks and the SIGBUS handler.
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+
+    use vm_memory::{
+        Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+        GuestRegionMmap,
+    };
+
+    use super::*;
+
+    const PAGE: u64 = 4096;
+
+    /// An anonymous memory file (as QEMU's memory-backend-memfd) of `len` bytes.
+    fn memfd(len: u64) -> File {
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is new and owned by the File.
+        let fd = unsafe { libc::memfd_create(c"pinblk-test".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    /// A region of `size` bytes at guest-physical `gpa`, mapping `file` from `offset`.
+    fn region(file: &File, offset: u64, gpa: u64, size: u64) -> GuestRegionMmap<()> {
+        GuestRegionMmap::from_range(
+            GuestAddress(gpa),
+            size as usize,
+            Some(FileOffset::new(file.try_clone().unwrap(), offset)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_region_larger_than_its_file_is_refused_and_taken_out() {
+        let good = memfd(16 * PAGE);
+        let short = memfd(4 * PAGE);
+        let mem = GuestMemoryMmap::from_regions(vec![
+            region(&good, 0, 0, 16 * PAGE),
+            // 8 pages declared, 4 in the file.
+            region(&short, 0, 1 << 20, 8 * PAGE),
+        ])
+        .unwrap();
+        let atomic = GuestMemoryAtomic::new(mem);
+        let err = accept_memory(&atomic).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("0x100000") && msg.contains("16384 bytes"),
+            "{msg}"
+        );
+        let now = atomic.memory();
+        assert_eq!(now.num_regions(), 1, "the short region is taken out");
+        assert!(now.find_region(GuestAddress(1 << 20)).is_none());
+        assert!(now.find_region(GuestAddress(0)).is_some());
+    }
+
+    #[test]
+    fn an_offset_pushing_a_region_past_its_file_is_refused() {
+        let f = memfd(8 * PAGE);
+        let fits = GuestMemoryMmap::from_regions(vec![region(&f, 4 * PAGE, 0, 4 * PAGE)]).unwrap();
+        accept_memory(&GuestMemoryAtomic::new(fits)).unwrap();
+        let past = GuestMemoryMmap::from_regions(vec![region(&f, 5 * PAGE, 0, 4 * PAGE)]).unwrap();
+        assert!(accept_memory(&GuestMemoryAtomic::new(past)).is_err());
+    }
+
+    #[test]
+    fn a_truncated_file_is_survived_and_its_tail_reported_lost() {
+        let f = memfd(16 * PAGE);
+        let gpa = 0x4000_0000u64;
+        let mem = GuestMemoryMmap::from_regions(vec![region(&f, 0, gpa, 16 * PAGE)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem);
+        accept_memory(&atomic).unwrap();
+        let m = atomic.memory();
+        m.write_slice(&[7u8; 4096], GuestAddress(gpa + 8 * PAGE))
+            .unwrap();
+        f.set_len(6 * PAGE).unwrap();
+        let before = faults();
+        // Past the new end: without the handler this read kills the process.
+        let mut buf = [1u8; 64];
+        m.read_slice(&mut buf, GuestAddress(gpa + 8 * PAGE + 100))
+            .unwrap();
+        assert_eq!(buf, [0u8; 64], "the faulting read completes on zeroes");
+        assert!(faults() > before);
+        // Writes past the end complete too (on anonymous memory).
+        m.write_slice(&[9u8; 16], GuestAddress(gpa + 15 * PAGE))
+            .unwrap();
+        assert!(lost(&m, [(gpa + 8 * PAGE, 512)]));
+        assert!(
+            lost(&m, [(gpa + 7 * PAGE, 2 * PAGE)]),
+            "a range reaching into the tail"
+        );
+        assert!(
+            !lost(&m, [(gpa, 4 * PAGE)]),
+            "the start of the region still holds"
+        );
+        // Below the fault the file still backs the mapping.
+        m.write_slice(&[3u8; 8], GuestAddress(gpa)).unwrap();
+        let mut b = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).unwrap();
+        assert_eq!(b, [3u8; 8]);
+    }
+
+    #[test]
+    fn a_sigbus_outside_guest_memory_still_kills() {
+        install();
+        let f = memfd(2 * PAGE);
+        forget_unmapped();
+        // SAFETY: the child only calls async-signal-safe functions (mmap,
+        // ftruncate, a volatile load, _exit) before it exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: a shared mapping of our own memfd, never registered.
+            unsafe {
+                // At a fixed address far from anything mapped, so that no
+                // stale entry of another test's (unmapped) region covers it.
+                let p = libc::mmap(
+                    0x6d00_0000_0000usize as *mut libc::c_void,
+                    2 * PAGE as usize,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                    0,
+                );
+                if p == libc::MAP_FAILED {
+                    libc::_exit(2);
+                }
+                libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&f), 0);
+                std::ptr::read_volatile(p.cast::<u8>().add(PAGE as usize));
+                libc::_exit(0);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
+            "child status {status:#x}"
+        );
+    }
+}
