@@ -114,8 +114,8 @@ enum Avail {
     Pending(u16),
     /// Nothing.
     Nothing,
-    /// The ring is not ready (being stopped, not yet set up) or the worker
-    /// was abandoned: nothing may be popped.
+    /// The ring is not ready (being stopped, not yet set up) or disabled, or
+    /// the worker was abandoned: nothing may be popped.
     NotReady,
     /// Nothing can be popped because of a driver error.
     Fault(RingFault),
@@ -330,7 +330,11 @@ impl QueueWorker {
         let state = vring.get_ref();
         let q = state.get_queue();
         let size = q.size();
-        if !q.ready() {
+        // Not ready (stopped by GET_VRING_BASE, or not set up) or disabled
+        // (SET_VRING_ENABLE 0: "the back-end must not pass data to/from the
+        // ring", vhost-user spec, "Ring states"): nothing may be popped, also
+        // not from a completion with chains left over.
+        if !q.ready() || !state.is_enabled() {
             return (Avail::NotReady, size);
         }
         let mem = self.mem.memory();
