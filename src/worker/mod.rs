@@ -8,31 +8,34 @@
 //! vhost-user worker thread; it shares nothing mutable with other queues.
 //! Files: `job.rs` (a request's state), `lifecycle.rs` (its transitions), `park.rs`
 //! (stalls, bounce-pool waits, timers, injected delays), `integrity.rs` (R3,
-//! R4 and the checksum store at completion), `events.rs` (report events).
+//! R4 and the checksum store at completion), `events.rs` (report events),
+//! `kick.rs` (bounded popping of the avail ring), `inflight.rs` (the
+//! vhost-user inflight record: marking and resubmission), `memory.rs`
+//! (guest memory lost to a truncation).
 
 mod events;
 mod inflight;
 mod integrity;
 mod job;
+mod kick;
 mod lifecycle;
 mod memory;
 mod park;
 
-use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Device, QueueCounters};
 pub use crate::guest::{GuestMem, GuestMemAtomic};
 use crate::storage::{Engine, Tag};
 use job::Slots;
+use kick::RingFault;
 
 /// A vring as vhost-user-backend hands it to the worker.
 pub type Vring = VringRwLock<GuestMemAtomic>;
@@ -80,45 +83,6 @@ pub struct QueueWorker {
     /// ([`QueueWorker::abandon`]): from then on nothing is written to guest
     /// memory or the used ring any more.
     abandoned: bool,
-}
-
-/// Rounds of popping one kick may take under EVENT_IDX while the driver
-/// keeps adding chains; then the worker lets go of its lock (a ring stop may
-/// be waiting for it) and goes on from its completion eventfd.
-const POP_ROUNDS: usize = 4;
-
-/// Why a ring cannot be served (virtio 1.2 §2.7: a driver error; the device
-/// stops using the ring until it is set up again, and logs it once).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RingFault {
-    /// The avail `idx` is more than the queue size ahead of the device's
-    /// next index (virtio 1.2 §2.7.6: at most queue size entries are available).
-    AvailAhead {
-        /// The driver's avail `idx`.
-        avail: u16,
-        /// The device's next avail index.
-        next: u16,
-        /// Queue size.
-        size: u16,
-    },
-    /// The avail or used ring cannot be read or written (not in guest memory).
-    Unreachable,
-    /// More requests in flight than the queue has descriptors: the driver
-    /// made a head available again before it was used (virtio 1.2 §2.7.13).
-    Overcommitted,
-}
-
-/// What the avail ring holds for the device.
-enum Avail {
-    /// This many chains to pop (at most the queue size).
-    Pending(u16),
-    /// Nothing.
-    Nothing,
-    /// The ring is not ready (being stopped, not yet set up) or disabled, or
-    /// the worker was abandoned: nothing may be popped.
-    NotReady,
-    /// Nothing can be popped because of a driver error.
-    Fault(RingFault),
 }
 
 impl QueueWorker {
@@ -232,163 +196,6 @@ impl QueueWorker {
         &self.dev.queue_counters()[usize::from(self.index)]
     }
 
-    /// Handles a kick: pops every available descriptor chain and starts it.
-    ///
-    /// Bounded whatever the driver writes: at most the queue size chains in
-    /// flight, at most `POP_ROUNDS` (4) rounds of popping per call (the rest
-    /// is popped from the completion eventfd), and nothing popped from a
-    /// ring that is not ready (being stopped) or whose avail index is
-    /// inconsistent: that is logged once, not per kick.
-    pub fn process_queue(&mut self, vring: &Vring) {
-        if self.vring.is_none() {
-            self.vring = Some(vring.clone());
-        }
-        self.resubmit_inflight(vring);
-        self.pop_pending = false;
-        for round in 1..=POP_ROUNDS {
-            if self.event_idx {
-                if let Err(e) = vring.disable_notification() {
-                    log::debug!("queue {}: cannot disable notifications: {e}", self.index);
-                }
-            }
-            if self.pop_available(vring).is_none() {
-                // Nothing can be popped although the avail index may be
-                // ahead (ring stopping, a fault, the in-flight cap): looping
-                // would spin under the worker's lock (issue 13 findings 1-2).
-                if self.event_idx && !self.abandoned {
-                    let _ = vring.enable_notification();
-                }
-                break;
-            }
-            if !self.event_idx {
-                break;
-            }
-            match vring.enable_notification() {
-                // More was made available meanwhile: pop it, a few rounds at most.
-                Ok(true) if round < POP_ROUNDS => continue,
-                Ok(true) => {
-                    self.pop_pending = true;
-                    let _ = self.engine.completion_fd().write(1);
-                }
-                Ok(false) => {}
-                Err(_) => self.set_fault(Some(RingFault::Unreachable)),
-            }
-            break;
-        }
-        self.engine.submit();
-        if self.engine.completes_inline() {
-            self.reap();
-        }
-        self.signal(vring);
-    }
-
-    /// Pops and starts the chains the avail ring holds, up to the in-flight
-    /// cap (the queue size); returns how many, or `None` if nothing can be
-    /// popped although chains may be available (ring not ready, a fault,
-    /// the cap).
-    fn pop_available(&mut self, vring: &Vring) -> Option<usize> {
-        let (n, size) = match self.avail(vring) {
-            (Avail::Pending(n), size) => (n, size),
-            (Avail::Nothing, _) => return Some(0),
-            (Avail::NotReady, _) => return None,
-            (Avail::Fault(f), _) => {
-                self.set_fault(Some(f));
-                return None;
-            }
-        };
-        let mut popped = 0;
-        for _ in 0..n {
-            if self.jobs.len() >= usize::from(size) {
-                self.set_fault(Some(RingFault::Overcommitted));
-                self.pop_pending = true;
-                return (popped > 0).then_some(popped);
-            }
-            // Snapshot guest memory for each chain, after the avail index
-            // was read, so a memory-table change is seen at once.
-            let mem = self.mem.memory().into_inner();
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
-            self.inflight_mark(chain.head_index());
-            self.start(mem, chain);
-            popped += 1;
-        }
-        if popped > 0 {
-            self.set_fault(None);
-        }
-        Some(popped)
-    }
-
-    /// Reads the avail index and judges it against the device's next index
-    /// and the queue size (virtio 1.2 §2.7.6); also the queue size.
-    fn avail(&self, vring: &Vring) -> (Avail, u16) {
-        if self.abandoned {
-            return (Avail::NotReady, 0);
-        }
-        let state = vring.get_ref();
-        let q = state.get_queue();
-        let size = q.size();
-        // Not ready (stopped by GET_VRING_BASE, or not set up) or disabled
-        // (SET_VRING_ENABLE 0: "the back-end must not pass data to/from the
-        // ring", vhost-user spec, "Ring states"): nothing may be popped, also
-        // not from a completion with chains left over.
-        if !q.ready() || !state.is_enabled() {
-            return (Avail::NotReady, size);
-        }
-        let mem = self.mem.memory();
-        let avail = match q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
-            Ok(i) => i,
-            Err(_) => return (Avail::Fault(RingFault::Unreachable), size),
-        };
-        let ahead = (avail - Wrapping(q.next_avail())).0;
-        let a = if ahead == 0 {
-            Avail::Nothing
-        } else if ahead > size {
-            Avail::Fault(RingFault::AvailAhead {
-                avail: avail.0,
-                next: q.next_avail(),
-                size,
-            })
-        } else {
-            Avail::Pending(ahead)
-        };
-        (a, size)
-    }
-
-    /// Records the ring's fault (`None`: served again), logging a new one once.
-    fn set_fault(&mut self, f: Option<RingFault>) {
-        // One line per kind of fault, not per value a driver may cycle through.
-        if f.as_ref().map(std::mem::discriminant) == self.fault.as_ref().map(std::mem::discriminant)
-        {
-            return;
-        }
-        match f {
-            Some(RingFault::AvailAhead { avail, next, size }) => log::warn!(
-                "queue {}: driver error: avail index {avail} is more than the queue size \
-                 ({size}) ahead of the next index {next}; nothing popped until it is consistent",
-                self.index
-            ),
-            Some(RingFault::Unreachable) => log::warn!(
-                "queue {}: driver error: the avail or used ring is not in guest memory; \
-                 nothing popped until it is",
-                self.index
-            ),
-            Some(RingFault::Overcommitted) => log::warn!(
-                "queue {}: driver error: more requests made available than the queue has \
-                 entries while {} are in flight; the rest waits for completions",
-                self.index,
-                self.jobs.len()
-            ),
-            None if self.fault != Some(RingFault::Overcommitted) => {
-                log::info!("queue {}: ring served again", self.index)
-            }
-            None => {}
-        }
-        self.fault = f;
-    }
-
     /// Handles the completion eventfd: completes every finished request and
     /// retries parked ones.
     pub fn complete(&mut self, vring: &Vring) {
@@ -484,16 +291,24 @@ impl QueueWorker {
     /// more is popped. Returns how many were in flight.
     pub fn abandon(&mut self) -> usize {
         self.abandoned = true;
-        for job in self.jobs.iter() {
-            log::error!(
-                "queue {}: request {} (head {}, {:?}) still in flight at the ring stop: \
-                 it completes inside pinblk, unreported to the driver",
-                self.index,
-                job.id,
-                job.req.head,
-                job.req.command,
-            );
-        }
+        // One line for all of them (a per-request line would be rate-limited).
+        let left: Vec<String> = self
+            .jobs
+            .iter()
+            .map(|job| {
+                format!(
+                    "request {} head {} {:?}",
+                    job.id, job.req.head, job.req.command
+                )
+            })
+            .collect();
+        log::error!(
+            "queue {}: {} request(s) still in flight at the ring stop: they complete inside \
+             pinblk, unreported to the driver: {}",
+            self.index,
+            left.len(),
+            left.join(", ")
+        );
         self.jobs.len()
     }
 

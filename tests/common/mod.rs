@@ -80,6 +80,13 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// How many times pinblk logged a line containing `needle`, counting
+    /// the lines its rate limiter held back: a line "N more like this
+    /// suppressed in the last ...: TEXT" whose TEXT contains `needle` adds N.
+    pub fn logged(&self, needle: &str) -> u64 {
+        count_logged(&self.log_text(), needle)
+    }
+
     /// Sends `sig` and waits for exit, returning the exit status and the log.
     pub fn stop(mut self, sig: i32) -> (std::process::ExitStatus, String) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
@@ -290,4 +297,21 @@ pub fn scrub(image: &Path) -> (bool, Option<i32>, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), out.status.code(), text)
+}
+
+/// [`Server::logged`] over a log text.
+pub fn count_logged(log: &str, needle: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .map(
+            |l| match l.split_once(" more like this suppressed in the last ") {
+                Some((head, _)) => head
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(1),
+                None => 1,
+            },
+        )
+        .sum()
 }
