@@ -21,7 +21,8 @@
 //!
 //! Where the specification leaves pinblk a choice, the model follows
 //! pinblk's documented one: zero-length descriptors are ignored, a chain of
-//! more than `MAX_SEGMENTS` descriptors (the iovec limit) is refused, and
+//! more than `MAX_SEGMENTS` non-empty descriptors (the iovec limit) is
+//! refused, and
 //! unknown request types are refused whatever their buffers.
 //!
 //! The status byte ([`status_byte`]) is known, refused or not, unless the
@@ -168,7 +169,7 @@ struct Framed {
 }
 
 fn frame(descs: &[Desc]) -> Result<Framed, &'static str> {
-    if descs.len() > MAX_SEGMENTS {
+    if descs.iter().filter(|d| d.len > 0).count() > MAX_SEGMENTS {
         return Err("more descriptors than MAX_SEGMENTS");
     }
     let mut f = Framed {

@@ -1,7 +1,6 @@
-//! Inputs on which pinblk's parser and the model disagree, kept until the
-//! parser is fixed (`#[ignore]`d so that the CI smoke stays green; run them
-//! with `cargo test --no-default-features --manifest-path fuzz/Cargo.toml
-//! --test findings -- --ignored`). Once one passes, drop its `#[ignore]`.
+//! Inputs on which pinblk's parser and the model once disagreed, kept as
+//! regression tests once the parser was fixed. A new finding goes here
+//! `#[ignore]`d until its fix lands.
 
 use pinblk::virtio_blk::Limits;
 use pinblk_fuzz::input::{image_addr, Input};
@@ -55,17 +54,16 @@ fn indirect_chain(kind: u32, descs: &[(u64, u32, bool)]) -> Input {
 
 /// A READ of 1025 descriptors whose last one (past `MAX_SEGMENTS`) is an
 /// empty device-writable descriptor: header, 1021 data descriptors of 512
-/// bytes, one of 511, a 1-byte status, and the empty one. The parser
-/// neither refuses the chain (it counts the empty descriptor, yet checks the
-/// limit only on non-empty ones) nor takes the status byte off the data (it
-/// trims the status only when at most `MAX_SEGMENTS` descriptors were seen):
-/// it accepts a READ of 1022 sectors whose data buffer ends with the status
-/// byte. The model refuses it (more than `MAX_SEGMENTS` descriptors); without
-/// that limit its data would be 1022 * 512 - 1 bytes, not in logical blocks,
-/// also refused. Either way the status byte must never be READ data.
+/// bytes, one of 511, a 1-byte status, and the empty one. The parser used to
+/// neither refuse the chain (it counted the empty descriptor, yet checked
+/// the limit only on non-empty ones) nor take the status byte off the data
+/// (it trimmed the status only when at most `MAX_SEGMENTS` descriptors were
+/// seen): it accepted a READ of 1022 sectors whose data buffer ended with
+/// the status byte. Now the limit counts non-empty descriptors (1024 here,
+/// within it) and the status is always taken off: the data is 1022 * 512 - 1
+/// bytes, not in logical blocks, refused. The status byte is never READ data.
 #[test]
-#[ignore = "pinblk parser: status byte left in the READ data past MAX_SEGMENTS"]
-fn empty_descriptors_past_max_segments_leave_the_status_in_read_data() {
+fn empty_descriptors_past_max_segments_never_leave_the_status_in_read_data() {
     let mut descs = vec![(image_addr(HDR), 16, false)];
     descs.extend((0..1021).map(|_| (0x8000, 512, true)));
     descs.push((0x8000, 511, true));
