@@ -155,7 +155,7 @@ pub struct ServeArgs {
     #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
     pub socket: PathBuf,
 
-    /// Raw disk image to serve.
+    /// Raw disk image or host block device to serve (a block device needs --checksum-store).
     #[arg(long, visible_alias = "blk-file", value_name = "PATH")]
     pub image: PathBuf,
 
@@ -179,9 +179,10 @@ pub struct ServeArgs {
     #[arg(long, default_value = "pinblk")]
     pub serial: String,
 
-    /// Logical block size in bytes reported to the guest.
-    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
-    pub logical_block_size: u32,
+    /// Logical block size in bytes reported to the guest (512 or 4096;
+    /// default: a block device's own, 512 for a file).
+    #[arg(long, value_parser = parse_block_size)]
+    pub logical_block_size: Option<u32>,
 
     /// Open the image with O_DIRECT (like QEMU's cache.direct=on).
     #[arg(long)]
@@ -466,7 +467,7 @@ mod tests {
                 create_size: Some(1 << 20),
                 read_only: true,
                 direct: true,
-                logical_block_size: 4096,
+                logical_block_size: Some(4096),
             },
             num_queues: 4,
             queue_size: 128,

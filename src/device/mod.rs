@@ -23,6 +23,8 @@ use crate::report::{ChecksumFailureEvent, Event, RecoveredEvent, ReportError, Re
 use crate::storage::{Image, ImageOptions, StorageError};
 use crate::virtio_blk::config::DeviceConfig;
 
+mod topology;
+
 /// Most request virtqueues a device has.
 pub const MAX_QUEUES: u16 = 64;
 /// Smallest and largest virtqueue size accepted (a power of two), in entries.
@@ -82,7 +84,7 @@ impl DeviceOptions {
                 create_size: None,
                 read_only: false,
                 direct: false,
-                logical_block_size: 512,
+                logical_block_size: None,
             },
             num_queues: 1,
             queue_size: 256,
@@ -111,9 +113,10 @@ impl DeviceOptions {
         if !QUEUE_SIZE_RANGE.contains(&self.queue_size) || !self.queue_size.is_power_of_two() {
             return Err(DeviceError::QueueSize(self.queue_size));
         }
-        let lbs = self.image_options.logical_block_size;
-        if lbs != 512 && lbs != 4096 {
-            return Err(DeviceError::LogicalBlockSize(lbs));
+        if let Some(lbs) = self.image_options.logical_block_size {
+            if lbs != 512 && lbs != 4096 {
+                return Err(DeviceError::LogicalBlockSize(lbs));
+            }
         }
         Ok(())
     }
@@ -132,6 +135,9 @@ pub enum DeviceError {
     /// The logical block size is neither 512 nor 4096.
     #[error("logical block size {0} asked for; use 512 or 4096 (--logical-block-size)")]
     LogicalBlockSize(u32),
+    /// A block device is served with checksums on but no `--checksum-store`.
+    #[error("{0} is a block device: there is no place beside it for the checksum store; pass --checksum-store PATH (a file on another disk, e.g. /var/lib/pinblk/NAME.pinsum), or --checksum off")]
+    StoreRequired(PathBuf),
     /// The image cannot be created, opened or locked (the message says what to do).
     #[error(transparent)]
     Image(#[from] StorageError),
@@ -287,18 +293,19 @@ impl Device {
         let image = Image::open(&opts.image, io)?;
         let config = DeviceConfig {
             capacity_sectors: image.capacity_sectors(),
-            logical_block_size: io.logical_block_size,
+            logical_block_size: image.logical_block_size(),
             num_queues: opts.num_queues,
             queue_size: opts.queue_size,
-            read_only: io.read_only,
+            read_only: image.read_only(),
             serial: opts.serial.clone(),
+            topology: topology::of(&image),
         };
         log::info!(
             "serving {} ({} bytes, {} sectors{}) with {} queue(s) of up to {} entries",
             image.path().display(),
             image.size(),
             image.capacity_sectors(),
-            if io.read_only { ", read-only" } else { "" },
+            if image.read_only() { ", read-only" } else { "" },
             opts.num_queues,
             opts.queue_size
         );
@@ -502,11 +509,16 @@ fn open_store(
     image: &Image,
     report: &ReportWriter,
 ) -> Result<Option<ChecksumStore>, DeviceError> {
-    let read_only = opts.image_options.read_only;
+    let read_only = image.read_only();
+    let identity = image.block_device().map(|b| b.identity.clone());
+    if identity.is_some() && opts.checksum_store.is_none() {
+        return Err(DeviceError::StoreRequired(opts.image.clone()));
+    }
     let store_opts = StoreOptions {
         store_path: opts.checksum_store.clone(),
         image_size: Some(image.size()),
         read_only,
+        identity,
     };
     let path = store_opts
         .store_path

@@ -514,6 +514,7 @@ fn second_open_is_refused_while_in_use() {
     store.close().unwrap();
     let ro = StoreOptions {
         read_only: true,
+        identity: None,
         ..StoreOptions::default()
     };
     let (ro_store, _) = ChecksumStore::open(&img.path, &ro).unwrap();
@@ -819,6 +820,7 @@ fn flush_end_clears_only_quiet_regions_older_than_the_ticket() {
     store.close().unwrap();
     let ro = StoreOptions {
         read_only: true,
+        identity: None,
         ..StoreOptions::default()
     };
     let (ro_store, _) = ChecksumStore::open(&img.path, &ro).unwrap();

@@ -59,7 +59,7 @@ pub(crate) fn image_file(dir: &Path, read_only: bool) -> (PathBuf, Image) {
         &path,
         &ImageOptions {
             read_only,
-            logical_block_size: 512,
+            logical_block_size: Some(512),
             ..Default::default()
         },
     )
@@ -89,6 +89,7 @@ pub(crate) fn device_with(
             queue_size: QSIZE,
             read_only,
             serial: serial.into(),
+            topology: Default::default(),
         },
         image,
         parts,
