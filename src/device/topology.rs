@@ -37,8 +37,7 @@ pub(super) fn of_device(info: &BlockDeviceInfo, lbs: u32) -> Topology {
     let discard = (aligned && max_sectors(l.discard_max_bytes) > 0).then(|| SegmentLimits {
         max_sectors: max_sectors(l.discard_max_bytes),
         max_seg: MAX_DISCARD_SEG,
-        sector_alignment: (l.discard_granularity.max(lbs64) / 512).min(u64::from(u32::MAX))
-            as u32,
+        sector_alignment: (l.discard_granularity.max(lbs64) / 512).min(u64::from(u32::MAX)) as u32,
     });
     let write_zeroes =
         (aligned && max_sectors(l.write_zeroes_max_bytes) > 0).then(|| SegmentLimits {

@@ -170,7 +170,11 @@ impl Header {
 
     /// Refuses a store made for something else than `want` (the identity
     /// of the device being served, [`Identity::FILE`] for an image file).
-    pub(super) fn check_identity(&self, want: &Identity, path: &Path) -> Result<(), IntegrityError> {
+    pub(super) fn check_identity(
+        &self,
+        want: &Identity,
+        path: &Path,
+    ) -> Result<(), IntegrityError> {
         if self.identity == *want {
             return Ok(());
         }

@@ -182,7 +182,13 @@ pub fn identity_of(dir: &Path, name: &str) -> String {
     let mut id = sources
         .iter()
         .find_map(|(kind, file)| read_trimmed(&disk.join(file)).map(|v| format!("{kind}:{v}")))
-        .unwrap_or_else(|| format!("name:{}", disk.file_name().map_or(name.into(), |n| n.to_string_lossy().into_owned())));
+        .unwrap_or_else(|| {
+            format!(
+                "name:{}",
+                disk.file_name()
+                    .map_or(name.into(), |n| n.to_string_lossy().into_owned())
+            )
+        });
     if disk != dir {
         id.push_str(&format!(
             "/part{}@{}",
@@ -212,12 +218,12 @@ mod tests {
     /// The request numbers, computed as include/uapi/asm-generic/ioctl.h does.
     #[test]
     fn ioctl_numbers_match_the_uapi_macros() {
-        let io = |nr: u64| (0x12u64 << 8) | nr;
-        let ior = |nr: u64, size: u64| (2u64 << 30) | (size << 16) | io(nr);
-        assert_eq!(BLKROGET as u64, io(94));
-        assert_eq!(BLKSSZGET as u64, io(104));
-        assert_eq!(BLKGETSIZE64 as u64, ior(114, 8));
-        assert_eq!(BLKPBSZGET as u64, io(123));
+        let io = |nr: libc::c_ulong| (0x12 << 8) | nr;
+        let ior = |nr: libc::c_ulong, size: libc::c_ulong| (2 << 30) | (size << 16) | io(nr);
+        assert_eq!(BLKROGET, io(94));
+        assert_eq!(BLKSSZGET, io(104));
+        assert_eq!(BLKGETSIZE64, ior(114, 8));
+        assert_eq!(BLKPBSZGET, io(123));
     }
 
     #[test]

@@ -172,7 +172,9 @@ impl Image {
         let mut read_only = opts.read_only;
         let file = match open(!read_only) {
             Ok(f) => f,
-            Err(e) if !read_only && matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES)) => {
+            Err(e)
+                if !read_only && matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES)) =>
+            {
                 log::warn!(
                     "block device {} cannot be opened for writing ({e}); serving it read-only",
                     path.display()

@@ -221,7 +221,10 @@ mod tests {
         assert!(file.features() & (1 << VIRTIO_BLK_F_DISCARD) != 0);
         assert!(file.features() & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0);
         let c = file.config_space();
-        assert_eq!(u32::from_le_bytes(c[36..40].try_into().unwrap()), MAX_DISCARD_SECTORS);
+        assert_eq!(
+            u32::from_le_bytes(c[36..40].try_into().unwrap()),
+            MAX_DISCARD_SECTORS
+        );
         assert_eq!(c[56], 1);
 
         let mut dev = cfg();
