@@ -611,7 +611,8 @@ fn backends(opts: &Opts, notes: &mut Vec<String>) -> Vec<BackendSpec> {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root || !Path::new("/dev/loop-control").exists() {
-        notes.push("skipped the loop-device row: loop devices need root and the loop driver".into());
+        notes
+            .push("skipped the loop-device row: loop devices need root and the loop driver".into());
     } else if has("--checksum-store") {
         v.push(BackendSpec {
             name: "pinblk checksums on + bounce, loop device over the image, --direct".into(),

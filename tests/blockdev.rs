@@ -28,6 +28,11 @@ impl LoopDev {
     /// sectors, or `None` (with the reason printed) where loop devices are
     /// unavailable on this machine.
     fn new(dir: &Path, name: &str, sector_size: u32) -> Option<LoopDev> {
+        Self::new_with(dir, name, sector_size, false)
+    }
+
+    /// [`LoopDev::new`], read-only (`losetup -r`) if `read_only`.
+    fn new_with(dir: &Path, name: &str, sector_size: u32, read_only: bool) -> Option<LoopDev> {
         if let Some(why) = loop_unavailable() {
             eprintln!("SKIPPED: loop devices unavailable on this machine: {why}");
             return None;
@@ -39,6 +44,7 @@ impl LoopDev {
             .unwrap();
         let out = Command::new("losetup")
             .args(["-f", "--show", "--sector-size", &sector_size.to_string()])
+            .args(if read_only { &["-r"][..] } else { &[] })
             .arg(&backing)
             .output()
             .expect("run losetup");
@@ -217,6 +223,14 @@ fn loop_device_cases(sector_size: u32, extra: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // Without --checksum-store scrub says what to add.
+    let out = Command::new(env!("CARGO_BIN_EXE_pinblk"))
+        .args(["scrub", "--image", dev.path()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("pass --checksum-store PATH"), "{err}");
     drop(dir);
 }
 
@@ -320,5 +334,25 @@ fn second_pinblk_on_same_device_is_refused() {
     assert!(
         err.contains("smaller than the 4096-byte logical block"),
         "{err}"
+    );
+}
+
+#[test]
+fn read_only_device_is_served_read_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(dev) = LoopDev::new_with(tmp.path(), "ro.img", 512, true) else {
+        return;
+    };
+    // Not asked for --read-only: BLKROGET / the refused write open tell.
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start_in(dir, dev.dev.clone(), &[], &["--checksum", "off"]);
+    // libblkio refuses a read-write connection to a VIRTIO_BLK_F_RO device.
+    assert!(Client::connect(&srv.socket, 1, MIB as usize).is_err());
+    let mut c = Client::connect_with(&srv.socket, 1, MIB as usize, true).unwrap();
+    assert_eq!(c.read(0, 0, 0, 4096), 0);
+    assert!(
+        srv.log_text().contains("serving it read-only"),
+        "{}",
+        srv.log_text()
     );
 }

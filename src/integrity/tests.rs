@@ -1280,7 +1280,11 @@ fn store_records_and_checks_the_device_identity() {
         "{msg}"
     );
     let e = img.open_err(&StoreOptions::default());
-    assert!(e.to_string().contains("but the image served is an image file"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("but the image served is an image file"),
+        "{e}"
+    );
     let (store, _) = ChecksumStore::open(&img.path, &dev("wwid:naa.1")).unwrap();
     store.close().unwrap();
     let ro = StoreOptions {
