@@ -163,13 +163,28 @@ pub fn queue_limits(dir: &Path) -> QueueLimits {
 /// The identity of the device whose sysfs directory is `dir` and kernel
 /// name `name`: the first of `wwid` (NVMe, SCSI: `wwid`, `device/wwid`),
 /// `dm/uuid` (device mapper, LVM), `md/uuid` (md RAID), `serial` /
-/// `device/serial` (virtio-blk, some SCSI and NVMe), `loop/backing_file`
-/// (loop devices), else `name:NAME` (nbd, rbd and others the kernel gives
-/// no stable identity: the node name, which a different image mapped at the
-/// same node shares; the size check still applies). A partition adds
-/// `/partN@START` (START in 512-byte sectors). Cut to [`IDENTITY_MAX`] bytes.
+/// `device/serial` (virtio-blk, some SCSI and NVMe), a Ceph RBD mapping's
+/// `device/{cluster_fsid,pool,name,current_snap,image_id}`
+/// (`rbd:FSID/POOL/IMAGE@SNAP#ID`), `loop/backing_file` (loop devices),
+/// `backend` (nbd, when its client set one over netlink), else `name:NAME`
+/// (e.g. an nbd device connected by `qemu-nbd`: the node name, which a
+/// different image connected at the same node shares; the size check still
+/// applies). A partition adds `/partN@START` (START in 512-byte sectors).
+/// Cut to [`IDENTITY_MAX`] bytes.
 pub fn identity_of(dir: &Path, name: &str) -> String {
     let disk = disk_dir(dir);
+    let file = |f: &str| read_trimmed(&disk.join(f));
+    let rbd = || {
+        let part = |f: &str| file(&format!("device/{f}"));
+        Some(format!(
+            "rbd:{}/{}/{}@{}#{}",
+            part("cluster_fsid")?,
+            part("pool")?,
+            part("name")?,
+            part("current_snap").unwrap_or_else(|| "-".into()),
+            part("image_id")?
+        ))
+    };
     let sources = [
         ("wwid", "wwid"),
         ("wwid", "device/wwid"),
@@ -177,17 +192,18 @@ pub fn identity_of(dir: &Path, name: &str) -> String {
         ("md-uuid", "md/uuid"),
         ("serial", "serial"),
         ("serial", "device/serial"),
-        ("loop", "loop/backing_file"),
     ];
     let mut id = sources
         .iter()
-        .find_map(|(kind, file)| read_trimmed(&disk.join(file)).map(|v| format!("{kind}:{v}")))
+        .find_map(|(kind, f)| file(f).map(|v| format!("{kind}:{v}")))
+        .or_else(rbd)
+        .or_else(|| file("loop/backing_file").map(|v| format!("loop:{v}")))
+        .or_else(|| file("backend").map(|v| format!("nbd-backend:{v}")))
         .unwrap_or_else(|| {
-            format!(
-                "name:{}",
-                disk.file_name()
-                    .map_or(name.into(), |n| n.to_string_lossy().into_owned())
-            )
+            let n = disk
+                .file_name()
+                .map_or(name.into(), |n| n.to_string_lossy().into_owned());
+            format!("name:{n}")
         });
     if disk != dir {
         id.push_str(&format!(
@@ -248,6 +264,18 @@ mod tests {
         std::fs::write(part.join("partition"), "2\n").unwrap();
         std::fs::write(part.join("start"), "2048\n").unwrap();
         assert_eq!(identity_of(&part, "sdz2"), "wwid:naa.5000/part2@2048");
+        let rbd = d.path().join("rbd0");
+        std::fs::create_dir_all(rbd.join("device")).unwrap();
+        for (f, v) in [
+            ("cluster_fsid", "f00d"),
+            ("pool", "rbd"),
+            ("name", "vm1"),
+            ("current_snap", "-"),
+            ("image_id", "10ab"),
+        ] {
+            std::fs::write(rbd.join("device").join(f), format!("{v}\n")).unwrap();
+        }
+        assert_eq!(identity_of(&rbd, "rbd0"), "rbd:f00d/rbd/vm1@-#10ab");
         let bare = d.path().join("nbd3");
         std::fs::create_dir_all(&bare).unwrap();
         assert_eq!(identity_of(&bare, "nbd3"), "name:nbd3");
