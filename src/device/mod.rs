@@ -35,11 +35,13 @@ pub const QUEUE_SIZE_RANGE: std::ops::RangeInclusive<u16> = 2..=1024;
 /// `pinblk serve`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceOptions {
-    /// The raw disk image to serve.
+    /// The raw disk image file or host block device to serve.
     pub image: PathBuf,
     /// How to open the image: create size (bytes), read-only, O_DIRECT, and
-    /// the logical block size (bytes, 512 or 4096). `read_only` and
-    /// `logical_block_size` are also what the driver is offered.
+    /// the logical block size (bytes, 512 or 4096; `None`: a block device's
+    /// own, else 512). The driver is offered what the image ends up with
+    /// ([`Image::read_only`]: also a read-only device;
+    /// [`Image::logical_block_size`]).
     pub image_options: ImageOptions,
     /// Number of request virtqueues, 1 to [`MAX_QUEUES`].
     pub num_queues: u16,
@@ -73,7 +75,8 @@ pub struct DeviceOptions {
 
 impl DeviceOptions {
     /// Options for serving `image` with the defaults of `pinblk serve`: one
-    /// queue of up to 256 entries, 512-byte logical blocks, writable, serial
+    /// queue of up to 256 entries, 512-byte logical blocks (a block
+    /// device's own), writable, serial
     /// `pinblk`, pin tracking on with pins long-term after 1 s, the default
     /// [`PolicyConfig`] (bounce), CRC32C checksums in `IMAGE.pinsum`, mismatches
     /// reported, no report file.
