@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blkio::ReqFlags;
-use common::{pattern, Client, Server};
+use common::{pattern, scrub_with, Client, Server};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
@@ -153,15 +153,7 @@ fn loop_device_cases(sector_size: u32, extra: &[&str]) {
         (dev.queue("discard_granularity") as i64).max(ss)
     );
 
-    for (i, off) in [0, cap - 4096, 12345 * 4096].into_iter().enumerate() {
-        let data = pattern(i as u64 + 1, 4096);
-        c.buf()[..4096].copy_from_slice(&data);
-        assert_eq!(c.write(0, off, 0, 4096), 0);
-        assert_eq!(c.flush(0), 0);
-        c.buf()[4096..8192].fill(0);
-        assert_eq!(c.read(0, off, 4096, 4096), 0);
-        assert_eq!(&c.buf()[4096..8192], &data[..], "read-back at {off}");
-    }
+    c.write_flush_read_back(&[0, cap - 4096, 12345 * 4096]);
     // A large multi-segment transfer.
     let data = pattern(7, MIB as usize);
     c.buf()[..MIB as usize].copy_from_slice(&data);
@@ -212,17 +204,8 @@ fn loop_device_cases(sector_size: u32, extra: &[&str]) {
         .iter()
         .all(|&b| b == 0));
     // Scrub reads the device against its store.
-    let out = Command::new(env!("CARGO_BIN_EXE_pinblk"))
-        .args(["scrub", "--image", dev.path(), "--checksum-store"])
-        .arg(&store)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scrub: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, text) = scrub_with(Path::new(dev.path()), Some(&store));
+    assert!(ok, "scrub: {text}");
     // Without --checksum-store scrub says what to add.
     let out = Command::new(env!("CARGO_BIN_EXE_pinblk"))
         .args(["scrub", "--image", dev.path()])
