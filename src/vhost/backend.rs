@@ -102,7 +102,7 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = crate::guest::DirtyLog;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {

@@ -24,7 +24,7 @@ use super::job::{
 use super::memory::{guest_memory_lost, Reserve};
 
 use super::{GuestMem, QueueWorker};
-use crate::guest::{read_ranges, write_ranges};
+use crate::guest::{mark_dirty, read_ranges, write_ranges};
 use crate::pin::policy::{decide, Action};
 use crate::pin::{Direction, PinRef};
 use crate::storage::engine::{Fallocate, IoVec};
@@ -528,10 +528,19 @@ impl QueueWorker {
     /// verified → done: copies a bounced READ out, writes the status byte,
     /// pushes the used element, unpins.
     pub(super) fn done(&mut self, mut job: Job) {
-        let bounce = match &mut job.io {
-            Io::Transfer(t) => t.bounce.take(),
-            _ => None,
+        let (bounce, transfer) = match &mut job.io {
+            Io::Transfer(t) => (t.bounce.take(), true),
+            _ => (None, false),
         };
+        if transfer && bounce.is_none() && job.is_read() {
+            // Zero-copy READ: io_uring wrote the guest pages through their
+            // host-virtual addresses, which vm-memory's dirty log cannot
+            // see. Marked now, before the used element (docs/DESIGN.md §13),
+            // whatever the status: a failed or short READ may have written
+            // part of them. A READ popped before logging started is marked
+            // too (the log is looked up now, not at submission).
+            mark_dirty(&job.mem, &job.req.data);
+        }
         if let Some(b) = bounce {
             // Not after a failed ring stop: guest memory is the frontend's again.
             if job.is_read() && job.status == OK && !self.abandoned {

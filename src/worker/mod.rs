@@ -419,4 +419,7 @@ mod engine_tests;
 mod overlap_tests;
 
 #[cfg(test)]
+mod dirty_log_tests;
+
+#[cfg(test)]
 pub(crate) mod test_util;
