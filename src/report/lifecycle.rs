@@ -65,8 +65,8 @@ pub struct MigrationEvent {
     /// The source: the connection that handed the guest over (connections
     /// are numbered from 1 in the order pinblk accepted them).
     pub source_connection: u64,
-    /// The destination on this host: the newest other connection served
-    /// when the source ended (the destination QEMU connects to the same
+    /// The destination on this host: the newest connection accepted while
+    /// the source was served (the destination QEMU connects to the same
     /// socket before the migration). Omitted when there is none: the
     /// destination is elsewhere (another pinblk on shared storage).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -52,6 +52,9 @@ struct Conn {
     id: u64,
     lane: u16,
     shutdown: Option<ShutdownHandle>,
+    /// The newest connection accepted while this one was served: the
+    /// destination, if this one turns out to be a migration's source.
+    successor: Option<u64>,
 }
 
 impl Control {
@@ -138,10 +141,14 @@ pub fn serve(
         let others: Vec<u64> = {
             let mut conns = control.conns();
             let others = conns.iter().map(|c| c.id).collect();
+            for c in conns.iter_mut() {
+                c.successor = Some(id);
+            }
             conns.push(Conn {
                 id,
                 lane,
                 shutdown: conn.daemon.shutdown_handle(),
+                successor: None,
             });
             others
         };
@@ -269,16 +276,15 @@ impl Connection {
         self.handlers.iter().for_each(|h| h.send_exit_event());
         drop(self.handlers);
         drop(self.daemon);
-        let others: Vec<u64> = control
-            .conns()
-            .iter()
-            .filter(|c| c.id != id)
-            .map(|c| c.id)
-            .collect();
         if self.backend.handed_over() {
-            // The newest other connection took the guest over: on one host
-            // the destination connected while this one was served.
-            let to = others.iter().copied().max();
+            // On one host the destination connected while the source was
+            // served: the newest such connection took the guest over (it
+            // may already have ended too, e.g. a guest that powered off).
+            let to = control
+                .conns()
+                .iter()
+                .find(|c| c.id == id)
+                .and_then(|c| c.successor);
             migration_boundary(dev, id, to, self.backend.drained_at_stop());
         }
         drop(self.backend);
