@@ -32,6 +32,8 @@
 #   --hops N         migrations (default 2: there and back again)
 #   --interval SEC   seconds of workload before each migration (default 3)
 #   --mem SIZE       guest RAM (default 512M: the initramfs needs it)
+#   --cpu MODEL      QEMU -cpu model of every QEMU (default max)
+#   --accel ACCEL    QEMU -accel of every QEMU (default tcg)
 #   --results DIR    logs (default target/guest-results/migrate-<policy>-<workload>)
 #   --verbose        stream the guest console
 #
@@ -48,6 +50,8 @@ WORKLOAD=fio
 HOPS=2
 INTERVAL=3
 MEM=512M
+CPU=max
+ACCEL=tcg
 RESULTS=
 QUIET=--quiet
 while [[ $# -gt 0 ]]; do
@@ -58,6 +62,8 @@ while [[ $# -gt 0 ]]; do
 	--hops) HOPS=$2; shift 2 ;;
 	--interval) INTERVAL=$2; shift 2 ;;
 	--mem) MEM=$2; shift 2 ;;
+	--cpu) CPU=$2; shift 2 ;;
+	--accel) ACCEL=$2; shift 2 ;;
 	--results) RESULTS=$2; shift 2 ;;
 	--verbose) QUIET=; shift ;;
 	-h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
@@ -122,7 +128,7 @@ JOB=mig-$$-$RANDOM
 # Starts QEMU number $1 (0: the source; others: -incoming) in the background.
 start_qemu() {
 	local n=$1 prior=() i
-	local args=(--socket "$SOCK" --num-queues 2 --mem "$MEM" --timeout 600
+	local args=(--socket "$SOCK" --num-queues 2 --mem "$MEM" --cpu "$CPU" --accel "$ACCEL" --timeout 600
 		--qmp "$RESULTS/qmp.$n" --job-id "$JOB" --log "$RESULTS/console.$n.log")
 	if ((n > 0)); then
 		args+=(--incoming "unix:$RESULTS/mig.$n")

@@ -23,6 +23,8 @@
 #                        fio, mkfs.ext4, e2fsck and the ext4 module are there)
 #   --mem SIZE           guest RAM (default 512M)
 #   --smp N              guest CPUs (default 2)
+#   --cpu MODEL          QEMU -cpu model (default max)
+#   --accel ACCEL        QEMU -accel (default tcg)
 #   --timeout SEC        wall-clock limit; QEMU is killed after it (default 150)
 #   --log FILE           guest console log (default: a temp file, kept on failure)
 #   --guest-dir DIR      kernel/initramfs dir (default $PWD/target/guest);
@@ -74,6 +76,8 @@ FIO_EXTRA=
 CMD=
 MEM=512M
 SMP=2
+CPU=max
+ACCEL=tcg
 TIMEOUT=150
 LOG=
 GUEST_DIR=$PWD/target/guest
@@ -102,6 +106,8 @@ while [[ $# -gt 0 ]]; do
 	--cmd) need "$@"; CMD=$2; shift 2 ;;
 	--mem) need "$@"; MEM=$2; shift 2 ;;
 	--smp) need "$@"; SMP=$2; shift 2 ;;
+	--cpu) need "$@"; CPU=$2; shift 2 ;;
+	--accel) need "$@"; ACCEL=$2; shift 2 ;;
 	--timeout) need "$@"; TIMEOUT=$2; shift 2 ;;
 	--log) need "$@"; LOG=$2; shift 2 ;;
 	--guest-dir) need "$@"; GUEST_DIR=$2; shift 2 ;;
@@ -198,7 +204,7 @@ cat "$TMP/job.cpio.gz" >>"$TMP/initrd"
 # shellcheck disable=SC2054  # commas are QEMU option syntax
 QEMU_ARGS=(
 	-nodefaults -no-user-config -nographic -no-reboot
-	-accel tcg -cpu max -smp "$SMP" -m "$MEM"
+	-accel "$ACCEL" -cpu "$CPU" -smp "$SMP" -m "$MEM"
 	-machine q35,memory-backend=mem
 	-object "memory-backend-memfd,id=mem,size=$MEM,share=on"
 	-kernel "$KERNEL" -initrd "$TMP/initrd"
