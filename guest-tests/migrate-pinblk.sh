@@ -95,16 +95,16 @@ PLOG=$RESULTS/pinblk.log
 EXTRA=()
 # The guest's fio: 2 jobs of 4 KiB random writes with crc32c verify (fio
 # never touches a buffer in flight: any failure is pinblk's).
-FIO_ARGS=(--numjobs 2 --iodepth 16 --size 192M --rw randwrite,verify)
+FIO_ARGS=(--numjobs 2 --iodepth 16 --size 256M --rw randwrite,verify)
 case $WORKLOAD in
 fio) ;;
 overlap)
 	EXTRA=(--inject-read-delay 20ms --inject-read-probability 0.5)
-	FIO="fio --name=mig --filename=/dev/vda --direct=1 --ioengine=libaio --bs=4k --iodepth=16 --size=128M --rw=randwrite --verify=crc32c --verify_backlog=64 --verify_fatal=1 --do_verify=1 --randrepeat=1"
+	FIO="fio --name=mig --filename=/dev/vda --direct=1 --ioengine=libaio --bs=4k --iodepth=16 --size=192M --rw=randwrite --verify=crc32c --verify_backlog=64 --verify_fatal=1 --do_verify=1 --randrepeat=1"
 	# overlap-read keeps READ pins held (20 ms each) under a WRITE from the
 	# same buffer: conflicts, stalled on with --policy stall, in flight
 	# at every ring stop.
-	CMD="$FIO >/tmp/fio.out 2>&1 & fpid=\$!; i=0; rc=0; while kill -0 \$fpid 2>/dev/null; do overlap-read --offset \$((128 << 20)) --blocks 64 --rounds 20 --verify >/tmp/ovl.out 2>&1 || rc=1; grep PINBLK-PROG /tmp/ovl.out | tail -n1; i=\$((i + 1)); done; wait \$fpid || rc=2; cat /tmp/fio.out; echo overlap-rounds=\$i fio-rc-and-overlap=\$rc; exit \$rc"
+	CMD="$FIO >/tmp/fio.out 2>&1 & fpid=\$!; i=0; rc=0; while kill -0 \$fpid 2>/dev/null; do overlap-read --offset \$((448 << 20)) --blocks 64 --rounds 20 --verify >/tmp/ovl.out 2>&1 || rc=1; grep PINBLK-PROG /tmp/ovl.out | tail -n1; i=\$((i + 1)); done; wait \$fpid || rc=2; cat /tmp/fio.out; echo overlap-rounds=\$i fio-rc-and-overlap=\$rc; exit \$rc"
 	FIO_ARGS=(--cmd "$CMD")
 	;;
 control)
@@ -124,7 +124,7 @@ cleanup() {
 trap cleanup EXIT
 
 RUST_LOG=${RUST_LOG:-info} "$PINBLK" serve --socket "$SOCK" --image "$RESULTS/disk.img" \
-	--size 256M --num-queues 2 --report "$REPORT" --policy "$POLICY" \
+	--size 512M --num-queues 2 --report "$REPORT" --policy "$POLICY" \
 	${EXTRA[@]+"${EXTRA[@]}"} 2>"$PLOG" &
 PID=$!
 for _ in $(seq 100); do
