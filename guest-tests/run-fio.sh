@@ -23,6 +23,8 @@
 #                        fio, mkfs.ext4, e2fsck and the ext4 module are there)
 #   --mem SIZE           guest RAM (default 512M)
 #   --smp N              guest CPUs (default 2)
+#   --cpu MODEL          QEMU -cpu model (default max)
+#   --accel ACCEL        QEMU -accel (default tcg)
 #   --timeout SEC        wall-clock limit; QEMU is killed after it (default 150)
 #   --log FILE           guest console log (default: a temp file, kept on failure)
 #   --guest-dir DIR      kernel/initramfs dir (default $PWD/target/guest);
@@ -31,6 +33,16 @@
 #   --reconnect SEC      QEMU reconnects to the socket SEC seconds after the
 #                        backend went away (chardev reconnect=SEC; default:
 #                        no reconnect, a lost backend stops the disk)
+#   --qmp PATH           QMP monitor on the unix socket PATH (server, no wait;
+#                        guest-tests/qmp.py talks to it)
+#   --incoming URI       start as a live migration's destination (-incoming
+#                        URI): the guest arrives from another QEMU; give it
+#                        the source's --job-id and its console as --prior-log
+#   --job-id ID          the job id (default: a fresh one); a migration's
+#                        source and destinations share one
+#   --prior-log FILE     console log of an earlier QEMU process of this guest
+#                        (a migration's source); repeatable, in order. The
+#                        verdict reads them, then this run's console.
 #   --quiet              don't stream the console while it runs
 #
 # Exit status: 0 only if the guest printed PINBLK-GUEST-DONE rc=0, and (in fio
@@ -64,12 +76,18 @@ FIO_EXTRA=
 CMD=
 MEM=512M
 SMP=2
+CPU=max
+ACCEL=tcg
 TIMEOUT=150
 LOG=
 GUEST_DIR=$PWD/target/guest
 APPEND=
 QUIET=0
 RECONNECT=
+QMP=
+INCOMING=
+JOB_ID=
+PRIOR_LOGS=()
 QEMU=${QEMU:-qemu-system-x86_64}
 
 need() { [[ $# -ge 2 ]] || die "option $1 needs a value"; }
@@ -88,11 +106,17 @@ while [[ $# -gt 0 ]]; do
 	--cmd) need "$@"; CMD=$2; shift 2 ;;
 	--mem) need "$@"; MEM=$2; shift 2 ;;
 	--smp) need "$@"; SMP=$2; shift 2 ;;
+	--cpu) need "$@"; CPU=$2; shift 2 ;;
+	--accel) need "$@"; ACCEL=$2; shift 2 ;;
 	--timeout) need "$@"; TIMEOUT=$2; shift 2 ;;
 	--log) need "$@"; LOG=$2; shift 2 ;;
 	--guest-dir) need "$@"; GUEST_DIR=$2; shift 2 ;;
 	--append) need "$@"; APPEND=$2; shift 2 ;;
 	--reconnect) need "$@"; RECONNECT=$2; shift 2 ;;
+	--qmp) need "$@"; QMP=$2; shift 2 ;;
+	--incoming) need "$@"; INCOMING=$2; shift 2 ;;
+	--job-id) need "$@"; JOB_ID=$2; shift 2 ;;
+	--prior-log) need "$@"; PRIOR_LOGS+=("$2"); shift 2 ;;
 	--quiet) QUIET=1; shift ;;
 	-h | --help) usage 0 ;;
 	*) die "unknown option: $1 (see --help)" ;;
@@ -147,7 +171,7 @@ fi
 # ---- per-run job archive (second initramfs, appended uncompressed) ----------
 mkdir -p "$TMP/job/job"
 q() { printf '%q' "$1"; }
-JOB_ID=$$-$RANDOM-$(date +%s)
+JOB_ID=${JOB_ID:-$$-$RANDOM-$(date +%s)}
 {
 	echo "PINBLK_JOB_ID=$(q "$JOB_ID")"
 	echo "PINBLK_SIZE=$(q "$SIZE")"
@@ -180,7 +204,7 @@ cat "$TMP/job.cpio.gz" >>"$TMP/initrd"
 # shellcheck disable=SC2054  # commas are QEMU option syntax
 QEMU_ARGS=(
 	-nodefaults -no-user-config -nographic -no-reboot
-	-accel tcg -cpu max -smp "$SMP" -m "$MEM"
+	-accel "$ACCEL" -cpu "$CPU" -smp "$SMP" -m "$MEM"
 	-machine q35,memory-backend=mem
 	-object "memory-backend-memfd,id=mem,size=$MEM,share=on"
 	-kernel "$KERNEL" -initrd "$TMP/initrd"
@@ -191,7 +215,9 @@ QEMU_ARGS=(
 	-chardev "socket,id=char0,path=$SOCKET${RECONNECT:+,reconnect=$RECONNECT}"
 	-device "vhost-user-blk-pci,chardev=char0,num-queues=$NUM_QUEUES"
 )
-say "booting guest: socket=$SOCKET num-queues=$NUM_QUEUES size=$SIZE bs=$BS iodepth=$IODEPTH numjobs=$NUMJOBS rw=$RW${CMD:+ cmd=$CMD} timeout=${TIMEOUT}s"
+[[ -z $QMP ]] || QEMU_ARGS+=(-qmp "unix:$QMP,server=on,wait=off")
+[[ -z $INCOMING ]] || QEMU_ARGS+=(-incoming "$INCOMING")
+say "${INCOMING:+migration destination ($INCOMING), }booting guest: socket=$SOCKET num-queues=$NUM_QUEUES size=$SIZE bs=$BS iodepth=$IODEPTH numjobs=$NUMJOBS rw=$RW${CMD:+ cmd=$CMD} timeout=${TIMEOUT}s"
 START=$(date +%s.%N)
 "$QEMU" "${QEMU_ARGS[@]}" </dev/null >"$TMP/qemu.out" 2>&1 &
 QEMU_PID=$!
@@ -240,7 +266,7 @@ ELAPSED=$(awk -v a="$START" -v b="$END" 'BEGIN { printf "%.1f", b - a }')
 
 # ---- verdict ------------------------------------------------------------------
 # The console uses CRLF line ends; strip CRs before parsing.
-tr -d '\r' <"$LOG" >"$TMP/console.txt"
+cat ${PRIOR_LOGS[@]+"${PRIOR_LOGS[@]}"} "$LOG" | tr -d '\r' >"$TMP/console.txt"
 C=$TMP/console.txt
 fail=()
 if [[ -s $TMP/qemu.out ]]; then

@@ -15,8 +15,18 @@ use std::fmt;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
 
-/// Guest memory as pinblk maps it (no dirty bitmap).
-pub type GuestMem = GuestMemoryMmap<()>;
+/// The dirty-page log of one guest memory region (vhost-user spec,
+/// "Migration" and "Log"): one bit per 4 KiB page of guest-physical memory,
+/// in the log memory the frontend hands over with SET_LOG_BASE. Until then
+/// (and without VHOST_F_LOG_ALL) it logs nothing. Every write vm-memory
+/// makes through a [`GuestMem`] marks its pages; what bypasses vm-memory (a
+/// kernel DMA into a host-virtual address of guest memory) is marked with
+/// [`mark_dirty`].
+pub type DirtyLog = vhost_user_backend::bitmap::BitmapMmapRegion;
+
+/// Guest memory as pinblk maps it, with a dirty-page log per region
+/// ([`DirtyLog`]) for live migration.
+pub type GuestMem = GuestMemoryMmap<DirtyLog>;
 /// The shared, replaceable guest memory handle vhost-user-backend hands out
 /// (replaced on every SET_MEM_TABLE / ADD_MEM_REG).
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
@@ -97,6 +107,31 @@ pub fn take_ranges(ranges: &[GuestRange], mut skip: u64, mut len: u64) -> Vec<Gu
         skip = 0;
     }
     out
+}
+
+/// Marks the 4 KiB guest pages under `ranges` (guest-physical addresses)
+/// dirty in the dirty-page log of `mem` (vhost-user spec, "Migration":
+/// while VHOST_F_LOG_ALL is on, the backend sets the bit of every page it
+/// writes). For writes vm-memory cannot see: io_uring DMA into guest pages
+/// through their host-virtual addresses. Call it when the completion is
+/// seen, before the used element is pushed. Does nothing while no log is
+/// set (the region's [`DirtyLog`] is empty); bytes outside guest memory are
+/// skipped.
+pub fn mark_dirty(mem: &GuestMem, ranges: &[GuestRange]) {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for r in ranges {
+        let (mut addr, end) = (r.addr, r.end());
+        while addr < end {
+            let Some(region) = mem.find_region(GuestAddress(addr)) else {
+                break;
+            };
+            let offset = addr - region.start_addr().0;
+            let n = (end - addr).min(region.len() - offset);
+            region.bitmap().mark_dirty(offset as usize, n as usize);
+            addr += n;
+        }
+    }
 }
 
 /// Reads `buf.len()` bytes starting at byte `offset` of a list of guest ranges.

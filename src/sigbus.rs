@@ -34,7 +34,10 @@ use vm_memory::{
 };
 
 /// Guest memory as vhost-user-backend maps it (no dirty bitmap).
-type Mem = GuestMemoryMmap<()>;
+/// Guest memory as pinblk maps it: the same type as `guest::GuestMem` (a
+/// peer room on this level, so not imported).
+type Mem = GuestMemoryMmap<Log>;
+type Log = vhost_user_backend::bitmap::BitmapMmapRegion;
 
 /// Regions watched at once: vhost-user-backend's 509 memory slots, twice
 /// (a new table's regions and an old table's still held by requests in flight).
@@ -156,7 +159,7 @@ pub fn accept_memory(mem: &GuestMemoryAtomic<Mem>) -> io::Result<()> {
 }
 
 /// Whether the region's file (a regular file) holds every byte it maps.
-fn region_fits(r: &GuestRegionMmap<()>) -> Result<(), String> {
+fn region_fits(r: &GuestRegionMmap<Log>) -> Result<(), String> {
     let Some(fo) = r.file_offset() else {
         return Ok(());
     };
@@ -258,7 +261,7 @@ fn watch(snapshot: Option<&Arc<Mem>>) {
 
 /// The (device, inode) of a region's file (0, 0 if anonymous) and its
 /// mapping granule in bytes.
-fn file_identity(r: &GuestRegionMmap<()>) -> (u64, u64, usize) {
+fn file_identity(r: &GuestRegionMmap<Log>) -> (u64, u64, usize) {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: sysconf only reads a system constant.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
@@ -457,7 +460,7 @@ mod tests {
     }
 
     /// A region of `size` bytes at guest-physical `gpa`, mapping `file` from `offset`.
-    fn region(file: &File, offset: u64, gpa: u64, size: u64) -> GuestRegionMmap<()> {
+    fn region(file: &File, offset: u64, gpa: u64, size: u64) -> GuestRegionMmap<Log> {
         GuestRegionMmap::from_range(
             GuestAddress(gpa),
             size as usize,

@@ -30,6 +30,10 @@ pub use error::DeviceError;
 
 /// Most request virtqueues a device has.
 pub const MAX_QUEUES: u16 = 64;
+/// Most vhost-user connections served at once (a migration's source and
+/// destination on one host, docs/DESIGN.md §13), each in a lane of per-queue
+/// slots (pins, wakers, counters): slot = lane × queues + queue.
+pub const MAX_CONNECTIONS: u16 = 2;
 /// Smallest and largest virtqueue size accepted (a power of two), in entries.
 pub const QUEUE_SIZE_RANGE: std::ops::RangeInclusive<u16> = 2..=1024;
 
@@ -335,14 +339,12 @@ impl Device {
 
     /// A device serving `image` as described by `config`, from parts already
     /// built (tests; [`Device::open`] ends here). The pin tracker is built
-    /// here, with one slot per queue of `config`.
+    /// here, with [`MAX_CONNECTIONS`] slots per queue of `config`.
     pub fn from_parts(config: DeviceConfig, image: Image, parts: DeviceParts) -> Device {
-        let num_queues = config.num_queues;
-        let queue_counters = (0..config.num_queues)
-            .map(|_| QueueCounters::default())
-            .collect();
+        let slots = config.num_queues * MAX_CONNECTIONS;
+        let queue_counters = (0..slots).map(|_| QueueCounters::default()).collect();
         Device {
-            pins: PinTracker::new(config.num_queues, parts.longterm_after),
+            pins: PinTracker::new(slots, parts.longterm_after),
             config,
             image,
             queue_counters,
@@ -351,8 +353,7 @@ impl Device {
             policy: parts.policy,
             report: parts.report,
             bounce_in_use: AtomicU64::new(0),
-            ranges: (parts.store.is_some() && parts.range_tracking)
-                .then(|| RangeLocks::new(num_queues)),
+            ranges: (parts.store.is_some() && parts.range_tracking).then(|| RangeLocks::new(slots)),
             store: parts.store,
             on_mismatch: parts.on_mismatch,
             next_request_id: AtomicU64::new(1),
@@ -390,7 +391,8 @@ impl Device {
         &self.image
     }
 
-    /// One set of counters per virtqueue, indexed by queue index.
+    /// One set of counters per queue slot: [`MAX_CONNECTIONS`] lanes of one
+    /// per virtqueue, slot = lane × queues + queue index.
     pub fn queue_counters(&self) -> &[QueueCounters] {
         &self.queue_counters
     }

@@ -27,7 +27,11 @@ fn open_builds_everything_once() {
     assert_eq!(dev.config().queue_size, 64);
     assert_eq!(dev.config().serial, "sn");
     assert_eq!(dev.config().capacity_sectors, 2048);
-    assert_eq!(dev.queue_counters().len(), 3);
+    // One set per queue in each connection lane.
+    assert_eq!(
+        dev.queue_counters().len(),
+        3 * usize::from(crate::device::MAX_CONNECTIONS)
+    );
     assert_eq!(dev.image().size(), 1 << 20);
     assert!(dev.pin_tracking() && !dev.null());
     assert_eq!(dev.on_mismatch(), OnMismatch::Eio);

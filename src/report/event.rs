@@ -9,7 +9,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::integrity::{hex_crc, RecoveredRegion, ALGORITHM_NAME, BLOCK_SIZE, SECTORS_PER_BLOCK};
+use crate::integrity::{hex_crc, ALGORITHM_NAME, BLOCK_SIZE, SECTORS_PER_BLOCK};
+
+pub use super::lifecycle::{MigrationEvent, RecoveredEvent};
 use crate::pin::policy::Policy;
 use crate::pin::Direction;
 use crate::rule::Rule;
@@ -42,13 +44,15 @@ impl Event {
         self.body.kind()
     }
 
-    /// First sector concerned, 512-byte units.
-    pub fn sector(&self) -> u64 {
+    /// First sector concerned, 512-byte units (`None` for `migration`,
+    /// which is about connections, not the disk).
+    pub fn sector(&self) -> Option<u64> {
         match &self.body {
-            EventBody::Conflict(e) => e.sector,
-            EventBody::TornWrite(e) => e.csum.sector,
-            EventBody::ChecksumFailure(e) => e.csum.sector,
-            EventBody::Recovered(e) => e.sector,
+            EventBody::Conflict(e) => Some(e.sector),
+            EventBody::TornWrite(e) => Some(e.csum.sector),
+            EventBody::ChecksumFailure(e) => Some(e.csum.sector),
+            EventBody::Recovered(e) => Some(e.sector),
+            EventBody::Migration(_) => None,
         }
     }
 
@@ -61,17 +65,18 @@ impl Event {
             EventBody::TornWrite(e) => Some(e.csum.block),
             EventBody::ChecksumFailure(e) => Some(e.csum.block),
             EventBody::Recovered(e) => Some(e.first_block),
+            EventBody::Migration(_) => None,
         }
     }
 
-    /// What was done, as the `action` field names it (`None` for `recovered`,
-    /// which has no action).
+    /// What was done, as the `action` field names it (`None` for `recovered`
+    /// and `migration`, which have no action).
     pub fn action_name(&self) -> Option<&'static str> {
         match &self.body {
             EventBody::Conflict(e) => Some(e.action.name()),
             EventBody::TornWrite(e) => Some(e.action.name()),
             EventBody::ChecksumFailure(e) => Some(e.action.name()),
-            EventBody::Recovered(_) => None,
+            EventBody::Recovered(_) | EventBody::Migration(_) => None,
         }
     }
 }
@@ -89,6 +94,8 @@ pub enum EventBody {
     /// A write-intent region whose blocks were re-checksummed from the image
     /// after an unclean stop.
     Recovered(RecoveredEvent),
+    /// A connection handed its guest over to another (live migration).
+    Migration(MigrationEvent),
 }
 
 impl EventBody {
@@ -99,6 +106,7 @@ impl EventBody {
             EventBody::TornWrite(_) => EventKind::TornWrite,
             EventBody::ChecksumFailure(_) => EventKind::ChecksumFailure,
             EventBody::Recovered(_) => EventKind::Recovered,
+            EventBody::Migration(_) => EventKind::Migration,
         }
     }
 }
@@ -127,6 +135,12 @@ impl From<RecoveredEvent> for EventBody {
     }
 }
 
+impl From<MigrationEvent> for EventBody {
+    fn from(e: MigrationEvent) -> Self {
+        EventBody::Migration(e)
+    }
+}
+
 /// The `kind` of an event, without its fields (for counting and summaries).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -139,15 +153,18 @@ pub enum EventKind {
     Recovered,
     /// [`EventBody::Conflict`].
     Conflict,
+    /// [`EventBody::Migration`].
+    Migration,
 }
 
 impl EventKind {
     /// Every kind, in the order summaries list them.
-    pub const ALL: [EventKind; 4] = [
+    pub const ALL: [EventKind; 5] = [
         EventKind::ChecksumFailure,
         EventKind::TornWrite,
         EventKind::Recovered,
         EventKind::Conflict,
+        EventKind::Migration,
     ];
 
     /// The snake_case name used in JSON.
@@ -157,6 +174,7 @@ impl EventKind {
             EventKind::TornWrite => "torn_write",
             EventKind::Recovered => "recovered",
             EventKind::Conflict => "conflict",
+            EventKind::Migration => "migration",
         }
     }
 }
@@ -328,51 +346,6 @@ impl ChecksumFailureEvent {
             guest_ranges: Vec::new(),
             detail: Some(
                 "found at start after an unclean stop, outside every write-intent region: no write was in flight there"
-                    .into(),
-            ),
-        }
-    }
-}
-
-/// `kind: "recovered"`: a write-intent region marked at an unclean stop (a
-/// write may have been in flight there) in which blocks disagreed with the
-/// image when the store was opened; their stored checksums were replaced by
-/// those of the image's data. One event per region. Not about a request.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecoveredEvent {
-    /// Always [`ReportOp::Other`].
-    pub op: ReportOp,
-    /// First sector of the region, 512-byte units.
-    pub sector: u64,
-    /// Length of the region, bytes (1 MiB; less for the image's last region).
-    pub length: u64,
-    /// Region index (units of the region size).
-    pub region: u64,
-    /// Number of blocks re-checksummed from the image.
-    pub blocks: u64,
-    /// First block re-checksummed, 4 KiB units.
-    pub first_block: u64,
-    /// Every block re-checksummed, 4 KiB units, ascending (at most 256 for
-    /// a 1 MiB region).
-    pub block_list: Vec<u64>,
-    /// Free text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
-
-impl RecoveredEvent {
-    /// The event for a region recovered at open.
-    pub fn new(r: &RecoveredRegion) -> RecoveredEvent {
-        RecoveredEvent {
-            op: ReportOp::Other,
-            sector: r.first_sector,
-            length: r.len_bytes,
-            region: r.region,
-            blocks: r.blocks.len() as u64,
-            first_block: r.blocks.first().copied().unwrap_or_default(),
-            block_list: r.blocks.clone(),
-            detail: Some(
-                "unclean stop: a write may have been in flight in this write-intent region; its blocks that disagreed with the image were re-checksummed from the image"
                     .into(),
             ),
         }

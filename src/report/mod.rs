@@ -13,7 +13,7 @@
 //!
 //! Every kind: `time` (RFC 3339, UTC, microseconds), `unix_time` (seconds
 //! since the epoch, with fraction), `kind` (`conflict` | `torn_write` |
-//! `checksum_failure` | `recovered`).
+//! `checksum_failure` | `recovered` | `migration`).
 //!
 //! - `conflict` ([`ConflictEvent`]): `request_id`, `queue`, `op` (`read` |
 //!   `write`), `sector` (of the request, 512-byte units), `length` (bytes),
@@ -42,6 +42,11 @@
 //!   write-intent region): `op` (`other`), `sector` (region start), `length`
 //!   (region bytes), `region`, `blocks` (count re-checksummed from the
 //!   image), `first_block`, `block_list` (4 KiB units), `detail`.
+//! - `migration` ([`MigrationEvent`], when a connection that handed its
+//!   guest over has ended and been drained): `source_connection`,
+//!   `destination_connection` (omitted when the destination is not on this
+//!   host), `requests_drained` (in flight at the source's ring stops),
+//!   `detail`. No `op`, `sector` or `action`.
 //!
 //! Checksums are strings `"0x%08x"` ([`Crc`]), in btrfs order: what the
 //! store holds (`expected`), then what the data has (`found`). Guest ranges
@@ -50,6 +55,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod event;
+pub mod lifecycle;
 pub mod sink;
 pub mod summary;
 
@@ -58,8 +64,8 @@ mod tests;
 
 pub use event::{
     gpa_range, now, rfc3339, Algorithm, BlockCsum, ChecksumAction, ChecksumFailureEvent,
-    ConflictAction, ConflictEvent, Crc, Event, EventBody, EventKind, Outcome, RecoveredEvent,
-    ReportOp, TornWriteAction, TornWriteEvent,
+    ConflictAction, ConflictEvent, Crc, Event, EventBody, EventKind, MigrationEvent, Outcome,
+    RecoveredEvent, ReportOp, TornWriteAction, TornWriteEvent,
 };
 pub use sink::{human_line, CountersSnapshot, IntegrityCounters, ReportWriter};
 

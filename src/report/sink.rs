@@ -74,6 +74,17 @@ pub fn human_line(e: &Event) -> String {
             );
             push_tail(&mut s, &[], r.detail.as_deref());
         }
+        EventBody::Migration(m) => {
+            let _ = write!(
+                s,
+                "migration: connection {} handed the guest over to {}; {} request(s) in flight at its ring stop completed and unpinned first",
+                m.source_connection,
+                m.destination_connection
+                    .map_or("a backend elsewhere".to_string(), |d| format!("connection {d}")),
+                m.requests_drained
+            );
+            push_tail(&mut s, &[], m.detail.as_deref());
+        }
         EventBody::Conflict(c) => {
             let _ = write!(s, "DMA conflict at sector {:#x} len {}", c.sector, c.length);
             if !c.overlapping.is_empty() {
@@ -121,6 +132,7 @@ pub struct IntegrityCounters {
     torn_writes: [AtomicU64; TornWriteAction::ALL.len()],
     recovered: AtomicU64,
     conflicts: [AtomicU64; ConflictAction::ALL.len()],
+    migrations: AtomicU64,
 }
 
 /// A snapshot of [`IntegrityCounters`], for the shutdown / SIGUSR1 log line.
@@ -141,6 +153,9 @@ pub struct CountersSnapshot {
     pub conflicts: u64,
     /// `conflict` events by action.
     pub conflicts_by_action: BTreeMap<ConflictAction, u64>,
+    /// `migration` events (connections that handed their guest over).
+    #[serde(default)]
+    pub migrations: u64,
 }
 
 impl IntegrityCounters {
@@ -151,6 +166,7 @@ impl IntegrityCounters {
             EventBody::TornWrite(t) => &self.torn_writes[t.action as usize],
             EventBody::Recovered(_) => &self.recovered,
             EventBody::Conflict(c) => &self.conflicts[c.action as usize],
+            EventBody::Migration(_) => &self.migrations,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -182,13 +198,14 @@ impl IntegrityCounters {
             recovered: self.recovered.load(Ordering::Relaxed),
             conflicts,
             conflicts_by_action,
+            migrations: self.migrations.load(Ordering::Relaxed),
         }
     }
 }
 
 /// Sink of report events: appends JSON Lines to the `--report` file (if
 /// any; flushed after every event), logs the human line (`log::warn!`, or
-/// `log::info!` for `recovered`) and counts. Thread-safe: share it by `&` or
+/// `log::info!` for `recovered` and `migration`) and counts. Thread-safe: share it by `&` or
 /// `Arc` between queues.
 #[derive(Debug)]
 pub struct ReportWriter {
@@ -240,7 +257,7 @@ impl ReportWriter {
         self.counters.count(e);
         let line = human_line(e);
         match e.body {
-            EventBody::Recovered(_) => log::info!("{line}"),
+            EventBody::Recovered(_) | EventBody::Migration(_) => log::info!("{line}"),
             EventBody::Conflict(_) | EventBody::TornWrite(_) | EventBody::ChecksumFailure(_) => {
                 log::warn!("{line}")
             }

@@ -91,7 +91,9 @@ pub fn summarize_events(events: &[Event]) -> Summary {
             .or_default()
             .entry(e.action_name().unwrap_or("none"))
             .or_default() += 1;
-        let (sector, block) = (e.sector(), e.block());
+        let (Some(sector), block) = (e.sector(), e.block()) else {
+            continue;
+        };
         let p = places.entry(sector).or_insert_with(|| LbaCount {
             sector,
             block,
@@ -164,6 +166,13 @@ pub fn kind_explanation(kind: EventKind) -> &'static str {
              checksums; those checksums were re-computed from the image (one event per region, \
              `blocks` re-learned). Expected after a crash; not a failure. A mismatch outside \
              every such region is reported as a checksum_failure instead."
+        }
+        EventKind::Migration => {
+            "migration: a vhost-user connection whose frontend had dirty logging on \
+             (VHOST_F_LOG_ALL) when it stopped its rings ended: it handed the guest over to \
+             `destination_connection` (on this host) or to a backend elsewhere. Its requests in \
+             flight at the ring stop (`requests_drained`) were completed and unpinned before the \
+             switch-over. Expected once per live migration; not a failure."
         }
         EventKind::Conflict => {
             "conflict: a request touched guest pages that were still pinned for DMA by another \

@@ -234,6 +234,20 @@ fn golden() -> Vec<(Event, &'static str, &'static str)> {
             r#"{"time":"2024-02-29T12:34:56.123456Z","unix_time":1709210096.123456,"kind":"recovered","op":"other","sector":2048,"length":1048576,"region":1,"blocks":2,"first_block":265,"block_list":[265,300],"detail":"unclean stop: a write may have been in flight in this write-intent region; its blocks that disagreed with the image were re-checksummed from the image"}"#,
             "pinblk: recovered write-intent region 1 at sector 0x800 len 1048576 after an unclean stop: 2 block(s) re-checksummed from the image, first block 265; unclean stop: a write may have been in flight in this write-intent region; its blocks that disagreed with the image were re-checksummed from the image",
         ),
+        (
+            fix(MigrationEvent::new(1, Some(2), 3).into()),
+            r#"{"time":"2024-02-29T12:34:56.123456Z","unix_time":1709210096.123456,"kind":"migration","source_connection":1,"destination_connection":2,"requests_drained":3,"detail":"dirty logging was on when the source stopped its rings; what it wrote to guest memory is in the frontend's dirty log"}"#,
+            "pinblk: migration: connection 1 handed the guest over to connection 2; 3 request(s) in flight at its ring stop completed and unpinned first; dirty logging was on when the source stopped its rings; what it wrote to guest memory is in the frontend's dirty log",
+        ),
+        (
+            fix(MigrationEvent {
+                detail: None,
+                ..MigrationEvent::new(4, None, 0)
+            }
+            .into()),
+            r#"{"time":"2024-02-29T12:34:56.123456Z","unix_time":1709210096.123456,"kind":"migration","source_connection":4,"requests_drained":0}"#,
+            "pinblk: migration: connection 4 handed the guest over to a backend elsewhere; 0 request(s) in flight at its ring stop completed and unpinned first",
+        ),
     ]
 }
 
@@ -382,6 +396,16 @@ fn report_writer_round_trip_and_summary() {
         [std::fs::read(&path).unwrap(), b"{\"time\":\"2024-".to_vec()].concat(),
     )
     .unwrap();
+
+    // A migration event has no place on the disk: counted, not an LBA.
+    let w = ReportWriter::open(None).unwrap();
+    w.emit(&Event::new(MigrationEvent::new(1, Some(2), 0)))
+        .unwrap();
+    assert_eq!((w.counters().migrations, w.counters().conflicts), (1, 0));
+    let s = summarize_events(&[Event::new(MigrationEvent::new(1, None, 5))]);
+    assert_eq!(s.by_kind_action[&EventKind::Migration]["none"], 1);
+    assert!(s.worst.is_empty());
+    assert!(s.to_string().contains("migration: a vhost-user connection"));
 
     let (mut back, bad) = read_report(&path).unwrap();
     assert_eq!((back.len(), bad), (5, 1));

@@ -9,7 +9,9 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -32,9 +34,25 @@ pub fn ring_stop_limit(stall_timeout: Duration) -> Duration {
     stall_timeout + RING_STOP_GRACE
 }
 
+/// What one connection saw of a live migration (docs/DESIGN.md §13).
+#[derive(Default)]
+struct MigrationState {
+    /// VHOST_F_LOG_ALL is acked now.
+    logging: AtomicBool,
+    /// Rings last stopped with the log on, none started since.
+    handed_over: AtomicBool,
+    /// Requests in flight at GET_VRING_BASE, completed by its drain.
+    drained_at_stop: AtomicU64,
+}
+
 /// Backend state of one connection.
 pub struct BlkBackend {
     dev: Arc<Device>,
+    /// This connection's number (from 1, per process), as log lines and
+    /// the `migration` event name it.
+    connection: u64,
+    /// What this connection saw of a migration (docs/DESIGN.md §13).
+    migration: MigrationState,
     workers: Vec<Mutex<QueueWorker>>,
     exit: Vec<(EventConsumer, EventNotifier)>,
     /// The inflight I/O tracking record (vhost-user), once the frontend
@@ -43,15 +61,22 @@ pub struct BlkBackend {
 }
 
 impl BlkBackend {
-    /// A backend for one connection to `dev`, using `mem`, the guest memory
-    /// handle also given to the daemon.
+    /// A backend for connection number `connection` to `dev`, using `mem`,
+    /// the guest memory handle also given to the daemon, with its queues in
+    /// lane `lane` of the device's per-queue slots (below
+    /// [`crate::device::MAX_CONNECTIONS`]).
     ///
     /// # Errors
     /// [`WorkerError`] if a queue's io_uring or an eventfd cannot be created.
-    pub fn new(dev: Arc<Device>, mem: GuestMemAtomic) -> Result<Self, WorkerError> {
+    pub fn new(
+        dev: Arc<Device>,
+        mem: GuestMemAtomic,
+        connection: u64,
+        lane: u16,
+    ) -> Result<Self, WorkerError> {
         let nq = dev.config().num_queues;
         let workers = (0..nq)
-            .map(|i| QueueWorker::new(dev.clone(), mem.clone(), i).map(Mutex::new))
+            .map(|i| QueueWorker::new_in_lane(dev.clone(), mem.clone(), lane, i).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         let exit = (0..nq)
             .map(|i| {
@@ -61,10 +86,32 @@ impl BlkBackend {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(BlkBackend {
             dev,
+            connection,
+            migration: MigrationState::default(),
             workers,
             exit,
             inflight: Mutex::new(None),
         })
+    }
+
+    /// This connection's number.
+    pub fn connection(&self) -> u64 {
+        self.connection
+    }
+
+    /// Whether this connection handed its guest over (a migration source):
+    /// its rings were last stopped while dirty logging was on
+    /// (VHOST_F_LOG_ALL acked; vhost-user spec, "Migration"), and none was
+    /// started again since (a failed migration restarts them).
+    pub fn handed_over(&self) -> bool {
+        self.migration.handed_over.load(Ordering::Acquire)
+    }
+
+    /// Requests in flight when this connection's rings were stopped
+    /// (GET_VRING_BASE), completed (and their pins released) by the drain
+    /// before the answer.
+    pub fn drained_at_stop(&self) -> u64 {
+        self.migration.drained_at_stop.load(Ordering::Acquire)
     }
 
     /// The event id under which a worker's completion eventfd is registered.
@@ -102,7 +149,7 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = crate::guest::DirtyLog;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -115,6 +162,22 @@ impl VhostUserBackend for BlkBackend {
 
     fn features(&self) -> u64 {
         self.dev.config().features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        let on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if self.migration.logging.swap(on, Ordering::AcqRel) != on {
+            log::info!(
+                "connection {}: dirty logging {} (VHOST_F_LOG_ALL{})",
+                self.connection,
+                if on { "on" } else { "off" },
+                if on {
+                    ": the frontend is migrating the guest"
+                } else {
+                    " cleared"
+                }
+            );
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -182,6 +245,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn vring_started(&self, queue_index: u16, vring: &Vring) -> std::io::Result<()> {
+        // A ring running again: whatever was stopped for a migration is back.
+        self.migration.handed_over.store(false, Ordering::Release);
         let region = self
             .inflight
             .lock()
@@ -211,14 +276,21 @@ impl VhostUserBackend for BlkBackend {
     /// without an answer, and those requests are finished inside pinblk,
     /// unreported (docs/DESIGN.md §8, "Stopping a ring").
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        match self.workers.get(queue_index as usize) {
-            Some(w) => w
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .stop(ring_stop_limit(self.dev.policy().stall_timeout))
-                .inspect_err(|e| log::error!("GET_VRING_BASE: {e}; dropping the connection")),
-            None => Ok(()),
+        let Some(w) = self.workers.get(queue_index as usize) else {
+            return Ok(());
+        };
+        let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+        let in_flight = w.inflight() as u64;
+        w.stop(ring_stop_limit(self.dev.policy().stall_timeout))
+            .inspect_err(|e| log::error!("GET_VRING_BASE: {e}; dropping the connection"))?;
+        let m = &self.migration;
+        m.drained_at_stop.fetch_add(in_flight, Ordering::AcqRel);
+        if m.logging.load(Ordering::Acquire) {
+            // Stopped with the dirty log on: the source of a migration
+            // stopping its rings before the switch-over.
+            m.handed_over.store(true, Ordering::Release);
         }
+        Ok(())
     }
 
     fn handle_event(

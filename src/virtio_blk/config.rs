@@ -107,7 +107,9 @@ pub struct DeviceConfig {
 
 impl DeviceConfig {
     /// Virtio feature bits offered (virtio 1.2 §5.2.3), plus
-    /// VHOST_USER_F_PROTOCOL_FEATURES.
+    /// VHOST_USER_F_PROTOCOL_FEATURES and VHOST_F_LOG_ALL (vhost-user spec,
+    /// "Migration": the backend logs its writes to guest memory while the
+    /// frontend has it acked).
     pub fn features(&self) -> u64 {
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -118,7 +120,8 @@ impl DeviceConfig {
             | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_TOPOLOGY)
             | (1 << VIRTIO_BLK_F_MQ)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if self.topology.discard.is_some() {
             f |= 1 << VIRTIO_BLK_F_DISCARD;
         }
@@ -132,13 +135,17 @@ impl DeviceConfig {
     }
 
     /// vhost-user protocol features: CONFIG (QEMU and libblkio read the
-    /// config space), MQ, REPLY_ACK and CONFIGURE_MEM_SLOTS (libblkio).
+    /// config space), MQ, REPLY_ACK and CONFIGURE_MEM_SLOTS (libblkio),
+    /// INFLIGHT_SHMFD (restart, docs/DESIGN.md §12) and LOG_SHMFD (the
+    /// dirty-page log arrives as a shared-memory fd in SET_LOG_BASE; live
+    /// migration, §13).
     pub fn protocol_features() -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     /// Most data descriptors in one request (`seg_max`): QEMU's choice, queue size - 2.

@@ -24,7 +24,7 @@ use super::job::{
 use super::memory::{guest_memory_lost, Reserve};
 
 use super::{GuestMem, QueueWorker};
-use crate::guest::{read_ranges, write_ranges};
+use crate::guest::{mark_dirty, read_ranges, write_ranges};
 use crate::pin::policy::{decide, Action};
 use crate::pin::{Direction, PinRef};
 use crate::storage::engine::{Fallocate, IoVec};
@@ -156,6 +156,7 @@ impl QueueWorker {
     /// requests go straight to storage.
     fn admit(&mut self, slot: u32) {
         let index = self.index;
+        let slot_of_queue = self.slot;
         let dev = self.dev.clone();
         let job = self.job(slot);
         let is_write = job.is_write();
@@ -171,7 +172,7 @@ impl QueueWorker {
         } else {
             Direction::DeviceWrite
         };
-        let pin = dev.pins().pin(index, job.id, dir, &job.req.data);
+        let pin = dev.pins().pin(slot_of_queue, job.id, dir, &job.req.data);
         let conflicts = dev.pins().check(&pin, &job.req.data);
         job.pin = Some(pin);
         let (action, no_stall) = decide(dev.policy(), is_write, &conflicts);
@@ -193,7 +194,7 @@ impl QueueWorker {
                 let waits: Vec<PinRef> = conflicts
                     .iter()
                     .map(|c| c.by.pin)
-                    .filter(|p| dev.pins().watch(p, index))
+                    .filter(|p| dev.pins().watch(p, slot_of_queue))
                     .collect();
                 let now = Instant::now();
                 self.park(
@@ -265,7 +266,7 @@ impl QueueWorker {
         let Some(ranges) = dev.ranges() else {
             return true;
         };
-        let index = self.index;
+        let slot_of_queue = self.slot;
         let job = self.job(slot);
         if let Some(t) = &job.range {
             return ranges.try_grant(t);
@@ -273,7 +274,7 @@ impl QueueWorker {
         let Some((blocks, access)) = lba_blocks(&job.req) else {
             return true;
         };
-        let (ticket, granted) = ranges.acquire(index, job.id, blocks, access);
+        let (ticket, granted) = ranges.acquire(slot_of_queue, job.id, blocks, access);
         job.range = Some(ticket);
         granted
     }
@@ -520,7 +521,7 @@ impl QueueWorker {
             .iter()
             .filter(|c| c.by.submitted && c.by.direction == Direction::DeviceRead)
             .map(|c| c.by.pin)
-            .filter(|p| dev.pins().watch(p, self.index))
+            .filter(|p| dev.pins().watch(p, self.slot))
             .collect();
         (!waits.is_empty()).then_some(waits)
     }
@@ -528,10 +529,19 @@ impl QueueWorker {
     /// verified → done: copies a bounced READ out, writes the status byte,
     /// pushes the used element, unpins.
     pub(super) fn done(&mut self, mut job: Job) {
-        let bounce = match &mut job.io {
-            Io::Transfer(t) => t.bounce.take(),
-            _ => None,
+        let (bounce, transfer) = match &mut job.io {
+            Io::Transfer(t) => (t.bounce.take(), true),
+            _ => (None, false),
         };
+        if transfer && bounce.is_none() && job.is_read() {
+            // Zero-copy READ: io_uring wrote the guest pages through their
+            // host-virtual addresses, which vm-memory's dirty log cannot
+            // see. Marked now, before the used element (docs/DESIGN.md §13),
+            // whatever the status: a failed or short READ may have written
+            // part of them. A READ popped before logging started is marked
+            // too (the log is looked up now, not at submission).
+            mark_dirty(&job.mem, &job.req.data);
+        }
         if let Some(b) = bounce {
             // Not after a failed ring stop: guest memory is the frontend's again.
             if job.is_read() && job.status == OK && !self.abandoned {

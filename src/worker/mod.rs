@@ -59,6 +59,11 @@ pub struct QueueWorker {
     dev: Arc<Device>,
     mem: GuestMemAtomic,
     index: u16,
+    /// This worker's index in the device's per-queue structures (pin
+    /// registries and wakers, range-lock wakers, counters): connection lane
+    /// × queues + `index`, so that two connections' workers of one queue
+    /// (a migration's source and destination) never share a slot.
+    slot: u16,
     engine: Engine,
     /// Requests between parsed and done, by slot (the engine's tags name slots).
     jobs: Slots,
@@ -92,6 +97,20 @@ impl QueueWorker {
     /// # Errors
     /// [`WorkerError::Setup`] if io_uring or its completion eventfd cannot be created.
     pub fn new(dev: Arc<Device>, mem: GuestMemAtomic, index: u16) -> Result<Self, WorkerError> {
+        Self::new_in_lane(dev, mem, 0, index)
+    }
+
+    /// [`QueueWorker::new`] for the connection holding lane `lane` (below
+    /// [`crate::device::MAX_CONNECTIONS`]; docs/DESIGN.md §13).
+    ///
+    /// # Errors
+    /// As [`QueueWorker::new`].
+    pub fn new_in_lane(
+        dev: Arc<Device>,
+        mem: GuestMemAtomic,
+        lane: u16,
+        index: u16,
+    ) -> Result<Self, WorkerError> {
         let entries = u32::from(dev.config().queue_size)
             .next_power_of_two()
             .max(8);
@@ -105,7 +124,7 @@ impl QueueWorker {
             queue: index,
             source,
         })?;
-        Self::with_engine(dev, mem, index, engine)
+        Self::with_engine_in_lane(dev, mem, lane, index, engine)
     }
 
     /// A worker on a given storage engine (unit tests use a fake one); the
@@ -118,8 +137,23 @@ impl QueueWorker {
         dev: Arc<Device>,
         mem: GuestMemAtomic,
         index: u16,
+        engine: Engine,
+    ) -> Result<Self, WorkerError> {
+        Self::with_engine_in_lane(dev, mem, 0, index, engine)
+    }
+
+    /// [`QueueWorker::with_engine`] for the connection holding lane `lane`.
+    ///
+    /// # Errors
+    /// As [`QueueWorker::with_engine`].
+    pub fn with_engine_in_lane(
+        dev: Arc<Device>,
+        mem: GuestMemAtomic,
+        lane: u16,
+        index: u16,
         mut engine: Engine,
     ) -> Result<Self, WorkerError> {
+        let slot = lane * dev.config().num_queues + index;
         if let Some(store) = dev.store() {
             engine
                 .set_store_file(store.file())
@@ -140,7 +174,7 @@ impl QueueWorker {
         let waker_fd = Arc::new(waker_fd);
         let fd = waker_fd.clone();
         dev.pins().set_waker(
-            index,
+            slot,
             Some(Arc::new(move || {
                 let _ = fd.write(1);
             })),
@@ -148,7 +182,7 @@ impl QueueWorker {
         // A request waiting for an LBA range is woken when it is released.
         if let Some(ranges) = dev.ranges() {
             ranges.set_waker(
-                index,
+                slot,
                 Some(Arc::new(move || {
                     let _ = waker_fd.write(1);
                 })),
@@ -158,6 +192,7 @@ impl QueueWorker {
             dev,
             mem,
             index,
+            slot,
             engine,
             jobs: Slots::default(),
             event_idx: false,
@@ -193,7 +228,7 @@ impl QueueWorker {
     }
 
     fn counters(&self) -> &QueueCounters {
-        &self.dev.queue_counters()[usize::from(self.index)]
+        &self.dev.queue_counters()[usize::from(self.slot)]
     }
 
     /// Handles the completion eventfd: completes every finished request and
@@ -403,6 +438,11 @@ impl Drop for QueueWorker {
         // The kernel may still be writing into guest memory: never unmap it
         // (by dropping the jobs) under a running request.
         self.drain();
+        // The slot goes to the next connection in this lane.
+        self.dev.pins().set_waker(self.slot, None);
+        if let Some(ranges) = self.dev.ranges() {
+            ranges.set_waker(self.slot, None);
+        }
     }
 }
 
@@ -417,6 +457,9 @@ mod engine_tests;
 
 #[cfg(test)]
 mod overlap_tests;
+
+#[cfg(test)]
+mod dirty_log_tests;
 
 #[cfg(test)]
 pub(crate) mod test_util;

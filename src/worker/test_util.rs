@@ -241,6 +241,11 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// Guest-physical address of the used ring.
+    pub(crate) fn used_addr(&self) -> u64 {
+        self.q.used_addr().0
+    }
+
     /// Sets the avail ring's index, whatever the descriptors (a hostile driver).
     pub(crate) fn set_avail_idx(&self, idx: u16) {
         self.q.avail().idx().store(idx);

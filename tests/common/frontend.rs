@@ -45,6 +45,8 @@ pub const DESC_F_INDIRECT: u16 = 4;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 /// Feature bit `VHOST_USER_F_PROTOCOL_FEATURES` (vhost-user spec).
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Feature bit `VHOST_F_LOG_ALL` (vhost-user spec, "Migration").
+pub const F_LOG_ALL: u64 = 1 << 26;
 
 /// How a vhost-user message failed.
 #[derive(Debug)]
@@ -176,10 +178,11 @@ pub struct TestFrontend {
 
 impl TestFrontend {
     /// Connects to `socket` and negotiates: SET_OWNER, GET/SET_FEATURES
-    /// (everything offered, VIRTIO_RING_F_EVENT_IDX only if
-    /// `layout.event_idx`), GET/SET_PROTOCOL_FEATURES (CONFIG, MQ,
-    /// REPLY_ACK, CONFIGURE_MEM_SLOTS as offered; every later message asks
-    /// for REPLY_ACK), then SET_MEM_TABLE with the layout's region.
+    /// (everything offered but VHOST_F_LOG_ALL, VIRTIO_RING_F_EVENT_IDX only
+    /// if `layout.event_idx`), GET/SET_PROTOCOL_FEATURES (CONFIG, MQ,
+    /// REPLY_ACK, CONFIGURE_MEM_SLOTS, LOG_SHMFD as offered; every later
+    /// message asks for REPLY_ACK), then SET_MEM_TABLE with the layout's
+    /// region.
     pub fn connect(socket: &Path, layout: GuestLayout) -> TestFrontend {
         let mut f = Self::connect_raw(socket, layout.event_idx);
         let region = Region::new(layout.base_gpa, layout.mem_size, layout.region_size);
@@ -214,7 +217,9 @@ impl TestFrontend {
         };
         f.call(|fe| fe.set_owner()).expect("SET_OWNER");
         let offered = f.call(|fe| fe.get_features()).expect("GET_FEATURES");
-        let mut features = offered;
+        // VHOST_F_LOG_ALL only while migrating, as QEMU acks it
+        // (migration tests set it themselves).
+        let mut features = offered & !F_LOG_ALL;
         if !event_idx {
             features &= !F_EVENT_IDX;
         }
@@ -228,7 +233,8 @@ impl TestFrontend {
             let want = VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | VhostUserProtocolFeatures::LOG_SHMFD;
             f.call(move |fe| fe.set_protocol_features(pf & want))
                 .expect("SET_PROTOCOL_FEATURES");
             if pf.contains(VhostUserProtocolFeatures::REPLY_ACK) {

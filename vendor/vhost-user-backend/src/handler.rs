@@ -102,6 +102,9 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     max_queue_size: usize,
     queues_per_thread: Vec<u64>,
     mappings: Vec<AddrMapping>,
+    // pinblk: the dirty log of the last SET_LOG_BASE, applied to regions
+    // mapped later (SET_MEM_TABLE / ADD_MEM_REG while logging).
+    log: Option<Arc<MmapLogReg>>,
     atomic_mem: GM<T::Bitmap>,
     vrings: Vec<T::Vring>,
     #[cfg(feature = "postcopy")]
@@ -166,6 +169,7 @@ where
             max_queue_size,
             queues_per_thread,
             mappings: Vec::new(),
+            log: None,
             atomic_mem,
             vrings,
             #[cfg(feature = "postcopy")]
@@ -424,6 +428,9 @@ where
             self.mappings = mappings;
             return Ok(Some(bases));
         }
+
+        // pinblk: a new table while the dirty log is set keeps logging.
+        self.log_regions(mem.iter());
 
         // Updating the inner GuestMemory object here will cause all our vrings to
         // see the new one the next time they call to `atomic_mem.memory()`.
@@ -762,6 +769,8 @@ where
             return Ok(Some(base));
         }
 
+        // pinblk: a region added while the dirty log is set is logged too.
+        self.log_regions(std::iter::once(&*guest_region));
         let mem = self
             .atomic_mem
             .memory()
@@ -950,8 +959,42 @@ where
         for (region, bitmap) in bitmaps {
             (*region).bitmap().replace(bitmap);
         }
+        // pinblk: kept for the regions of later memory tables.
+        self.log = Some(logmem);
 
         Ok(())
+    }
+}
+
+impl<T: VhostUserBackend> VhostUserHandler<T>
+where
+    T::Bitmap: BitmapReplace + NewBitmap + Clone,
+{
+    // pinblk: gives freshly mapped regions the dirty log of the last
+    // SET_LOG_BASE. Upstream drops it at SET_MEM_TABLE / ADD_MEM_REG, so a
+    // frontend that changes its memory table during a migration without a
+    // new SET_LOG_BASE (QEMU does, unless the log must grow) lost every
+    // later dirty bit. A region past the end of the log is left unlogged,
+    // with a log line (the frontend sends a larger log first).
+    fn log_regions<'a>(&self, regions: impl Iterator<Item = &'a GuestRegionMmap<T::Bitmap>>)
+    where
+        T::Bitmap: 'a,
+    {
+        let Some(logmem) = &self.log else {
+            return;
+        };
+        for region in regions {
+            match <<T as VhostUserBackend>::Bitmap as BitmapReplace>::InnerBitmap::new(
+                region,
+                Arc::clone(logmem),
+            ) {
+                Ok(bitmap) => region.bitmap().replace(bitmap),
+                Err(e) => error!(
+                    "region at guest-physical {:#x} is not covered by the dirty log: {e}",
+                    vm_memory::GuestMemoryRegion::start_addr(region).0
+                ),
+            }
+        }
     }
 }
 
