@@ -70,8 +70,15 @@ fn fused_copy_and_crc_copies_and_checksums_each_block() {
         let src = pattern(len, 3);
         let mut dst = vec![0u8; len];
         let mut got = Vec::new();
-        copy_crc32c_blocks(&mut dst, &src, |i, c| got.push((i, c)));
+        copy_crc32c_blocks(&mut dst, &[&src[..]], |i, c| got.push((i, c)));
         assert_eq!(dst, src, "length {len}");
+        // The same from a scatter list cut anywhere.
+        let (a, rest) = src.split_at(len / 3);
+        let (b, c) = rest.split_at(rest.len() / 2);
+        let mut dst2 = vec![0u8; len];
+        let mut got2 = Vec::new();
+        copy_crc32c_blocks(&mut dst2, &[a, b, c], |i, c| got2.push((i, c)));
+        assert_eq!((&dst2, &got2), (&dst, &got), "length {len}, three pieces");
         let want: Vec<(usize, u32)> = src.chunks(4096).map(crc32c::crc32c).enumerate().collect();
         assert_eq!(got, want, "length {len}");
     }

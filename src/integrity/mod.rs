@@ -94,20 +94,29 @@ where
     slices.into_iter().fold(0, crc32c_append)
 }
 
-/// Copies `src` into `dst` (same length) 4 KiB at a time and hands
-/// `each(index, crc)` the CRC32C of each 4 KiB chunk (the last may be
-/// shorter) right after copying it, while it is still in the L1 cache: one
-/// pass over the data from memory instead of two (the bounce path's fused
-/// copy and checksum, docs/DESIGN.md §7).
+/// Copies the scatter list `src` (concatenated) into `dst` 4 KiB at a time
+/// and hands `each(index, crc)` the CRC32C of each 4 KiB chunk of `dst` (the
+/// last may be shorter) right after copying it, while it is still in the L1
+/// cache: one pass over the data from memory instead of two (the bounce
+/// path's fused copy and checksum, docs/DESIGN.md §7). The CRCs are those of
+/// the copy, whatever happens to `src` meanwhile.
 ///
 /// # Panics
-/// If `dst` and `src` differ in length.
-pub fn copy_crc32c_blocks(dst: &mut [u8], src: &[u8], mut each: impl FnMut(usize, u32)) {
-    assert_eq!(dst.len(), src.len(), "copy_crc32c_blocks: lengths differ");
-    let bs = BLOCK_SIZE as usize;
-    for (i, (d, s)) in dst.chunks_mut(bs).zip(src.chunks(bs)).enumerate() {
-        d.copy_from_slice(s);
-        each(i, crc32c(d));
+/// If `src` holds fewer bytes than `dst`.
+pub fn copy_crc32c_blocks(dst: &mut [u8], src: &[&[u8]], mut each: impl FnMut(usize, u32)) {
+    let (mut idx, mut pos) = (0usize, 0usize);
+    for (i, chunk) in dst.chunks_mut(BLOCK_SIZE as usize).enumerate() {
+        let mut at = 0;
+        while at < chunk.len() {
+            let s = src[idx];
+            let k = (s.len() - pos).min(chunk.len() - at);
+            chunk[at..at + k].copy_from_slice(&s[pos..pos + k]);
+            (at, pos) = (at + k, pos + k);
+            if pos == s.len() {
+                (idx, pos) = (idx + 1, 0);
+            }
+        }
+        each(i, crc32c(chunk));
     }
 }
 

@@ -21,10 +21,11 @@ use super::events::{conflict_event, emit};
 use super::job::{
     advance, host_iovecs, lba_blocks, write_extent, BounceBuf, Io, Job, Park, Stage, Transfer,
 };
-use super::memory::{guest_memory_lost, Reserve};
+use super::memory::{gather, guest_memory_lost, with_guest_view, Reserve};
 
 use super::{GuestMem, QueueWorker};
-use crate::guest::{read_ranges, write_ranges};
+use crate::guest::write_ranges;
+use crate::integrity::{copy_crc32c_blocks, BLOCK_SIZE};
 use crate::pin::policy::{decide, Action};
 use crate::pin::{Direction, PinRef};
 use crate::storage::engine::{Fallocate, IoVec};
@@ -290,18 +291,34 @@ impl QueueWorker {
         if r != Reserve::Taken {
             return r;
         }
+        let checksums = self.dev.store().is_some();
         let job = self.job(slot);
         let mut b = BounceBuf::new(len as usize);
+        let mut crcs = Vec::new();
         if job.is_write() {
-            if let Err(e) = read_ranges(&*job.mem, &job.req.data, 0, b.bytes_mut()) {
+            // With checksums on, each 4 KiB is checksummed right after it is
+            // copied, while in cache (one pass; R3 needs no second one: the
+            // copy is stable). `guest_memory_lost` is asked before submission.
+            let dst = b.bytes_mut();
+            let copied = with_guest_view(&job.mem, &job.req.data, |src| {
+                if checksums {
+                    crcs.reserve_exact(dst.len().div_ceil(BLOCK_SIZE as usize));
+                    copy_crc32c_blocks(dst, src, |_, c| crcs.push(c));
+                } else {
+                    gather(dst, src);
+                }
+            });
+            if let Err(e) = copied {
                 log::warn!(
                     "request {}: cannot copy guest data to the bounce buffer: {e}",
                     job.id
                 );
                 job.status = IOERR;
+                crcs.clear();
             }
         }
         if let Io::Transfer(t) = &mut job.io {
+            t.submitted_crcs = crcs;
             t.iov = vec![IoVec {
                 base: b.bytes().as_ptr() as usize,
                 len: b.len(),

@@ -68,7 +68,8 @@ pub struct QueueWorker {
     zero_range_unsupported: bool,
     park: park::Parked,
     rng: fastrand::Rng,
-    /// Reused buffer for copies of guest data being checksummed.
+    /// Reused buffer for copies of guest data: only a zero-copy WRITE
+    /// covering blocks partly is checksummed through it.
     scratch: Vec<u8>,
     /// Reused buffer of reaped completions.
     completions: Vec<(Tag, i32)>,
