@@ -519,7 +519,8 @@ impl QueueWorker {
             let slot = self.jobs.insert(job);
             return self.park(slot, Park::CopyOut { waits, deadline });
         }
-        self.done(job);
+        // By reference: a Job is a few hundred bytes, not moved again.
+        self.done(&mut job);
     }
 
     /// The pins a bounced READ must wait for before its data is copied to
@@ -544,7 +545,7 @@ impl QueueWorker {
 
     /// verified → done: copies a bounced READ out, writes the status byte,
     /// pushes the used element, unpins.
-    pub(super) fn done(&mut self, mut job: Job) {
+    pub(super) fn done(&mut self, job: &mut Job) {
         let bounce = match &mut job.io {
             Io::Transfer(t) => t.bounce.take(),
             _ => None,
@@ -561,7 +562,7 @@ impl QueueWorker {
                 }
             }
             self.release_bounce(b.len() as u64);
-            if job.status == OK && guest_memory_lost(self.index, &job) {
+            if job.status == OK && guest_memory_lost(self.index, job) {
                 job.status = IOERR;
             }
         }
