@@ -372,6 +372,9 @@ struct BackendSpec {
 #[derive(Clone, Debug)]
 enum Kind {
     Qsd,
+    /// qemu-storage-daemon on its `null-co` driver: no storage, the request
+    /// path alone (the peer of `pinblk --null`).
+    QsdNull,
     Pinblk(Vec<String>),
     /// pinblk serving a loop device attached over the same image (issue 15:
     /// a host block device beside the file).
@@ -427,22 +430,30 @@ impl Running {
         let _ = std::fs::remove_file(&socket);
         let logf = std::fs::File::create(&log).map_err(|e| format!("create log: {e}"))?;
         let mut cmd = match &spec.kind {
-            Kind::Qsd => {
+            Kind::Qsd | Kind::QsdNull => {
                 let mut c = Command::new(&opts.qsd);
-                c.arg("--blockdev")
-                    .arg(format!(
-                        "driver=file,node-name=file0,filename={},cache.direct=off,aio=io_uring",
-                        image.display()
-                    ))
-                    .arg("--blockdev")
-                    .arg("driver=raw,node-name=disk0,file=file0")
-                    .arg("--export")
-                    .arg(format!(
-                        "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,\
-                         addr.path={},writable=on,num-queues={}",
-                        socket.display(),
-                        opts.num_queues
+                if matches!(spec.kind, Kind::QsdNull) {
+                    // read-zeroes=off: like `pinblk --null`, READs leave the
+                    // buffer untouched.
+                    c.arg("--blockdev").arg(format!(
+                        "driver=null-co,node-name=disk0,size={},read-zeroes=off",
+                        opts.size
                     ));
+                } else {
+                    c.arg("--blockdev")
+                        .arg(format!(
+                            "driver=file,node-name=file0,filename={},cache.direct=off,aio=io_uring",
+                            image.display()
+                        ))
+                        .arg("--blockdev")
+                        .arg("driver=raw,node-name=disk0,file=file0");
+                }
+                c.arg("--export").arg(format!(
+                    "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,\
+                         addr.path={},writable=on,num-queues={}",
+                    socket.display(),
+                    opts.num_queues
+                ));
                 c
             }
             Kind::PinblkLoop(extra) => {
@@ -562,6 +573,10 @@ fn backends(opts: &Opts, notes: &mut Vec<String>) -> Vec<BackendSpec> {
             name: "qemu-storage-daemon (aio=io_uring)".into(),
             kind: Kind::Qsd,
         });
+        v.push(BackendSpec {
+            name: "qemu-storage-daemon null-co (reference)".into(),
+            kind: Kind::QsdNull,
+        });
     } else {
         notes.push(format!("skipped: {} not found", opts.qsd));
     }
@@ -587,6 +602,11 @@ fn backends(opts: &Opts, notes: &mut Vec<String>) -> Vec<BackendSpec> {
         ),
         ("pinblk checksums on + bounce (default)", &[], &[]),
         (
+            "pinblk --checksum off",
+            &["--checksum"],
+            &["--checksum", "off"],
+        ),
+        (
             "pinblk checksums on, range tracking off",
             &["--range-tracking"],
             &["--range-tracking", "off"],
@@ -596,7 +616,11 @@ fn backends(opts: &Opts, notes: &mut Vec<String>) -> Vec<BackendSpec> {
             &["--bounce"],
             &["--bounce", "always"],
         ),
-        ("pinblk --null (reference)", &["--null"], &["--null"]),
+        (
+            "pinblk --null --checksum off (reference)",
+            &["--null"],
+            &["--null", "--checksum", "off"],
+        ),
     ];
     for (name, needs, args) in configs {
         if let Some(missing) = needs.iter().find(|f| !has(f)) {
@@ -1105,6 +1129,7 @@ fn report(
         .map(|per_w| per_w.iter().map(|s| medians(s)).collect())
         .collect();
     let qsd_idx = specs.iter().position(|s| matches!(s.kind, Kind::Qsd));
+    let qsd_null_idx = specs.iter().position(|s| matches!(s.kind, Kind::QsdNull));
     for (wi, w) in opts.workloads.iter().enumerate() {
         let _ = writeln!(r, "### {} (`{}`)\n", w.title, w.id);
         let _ = writeln!(
@@ -1113,10 +1138,17 @@ fn report(
         );
         let _ = writeln!(r, "|---|---:|---:|---:|---:|---:|---:|");
         let base = qsd_idx.and_then(|q| meds[q][wi].iops);
+        let null_base = qsd_null_idx.and_then(|q| meds[q][wi].iops);
         for (bi, spec) in specs.iter().enumerate() {
             let m = meds[bi][wi];
+            // The no-storage rows are compared with each other.
+            let (base, of) = if spec.name.contains("--null") || Some(bi) == qsd_null_idx {
+                (null_base, " of null-co")
+            } else {
+                (base, "")
+            };
             let ratio = match (m.iops, base) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×{of}", a / b),
                 _ => "–".into(),
             };
             let name = if m.n < opts.rounds {
@@ -1138,6 +1170,75 @@ fn report(
         }
         let _ = writeln!(r);
     }
+
+    let _ = writeln!(r, "### Targets (issue 17)\n");
+    let find = |needle: &str| specs.iter().position(|s| s.name.contains(needle));
+    let iops = |b: Option<usize>, id: &str| -> Option<f64> {
+        let wi = opts.workloads.iter().position(|w| w.id == id)?;
+        meds[b?][wi].iops
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let check =
+        |r: &mut String, what: &str, v: Option<f64>, goal: &str, ok: &dyn Fn(f64) -> bool| {
+            let (val, verdict) = match v {
+                Some(x) => (format!("{x:.2}"), if ok(x) { "met" } else { "**missed**" }),
+                None => ("–".into(), "not measured"),
+            };
+            let _ = writeln!(r, "| {what} | {val} | {goal} | {verdict} |");
+        };
+    let _ = writeln!(r, "| target | measured | goal | |");
+    let _ = writeln!(r, "|---|---:|---|---|");
+    let (def, off17) = (find("(default)"), find("pinblk --checksum off"));
+    let (null17, qnull) = (find("pinblk --null"), qsd_null_idx);
+    for id in [
+        "seqread-128k",
+        "seqwrite-128k",
+        "randread-qd32",
+        "randwrite-qd32",
+    ] {
+        check(
+            &mut r,
+            &format!("{id}: default / qsd"),
+            ratio(iops(def, id), iops(qsd_idx, id)),
+            "≥ 1.20",
+            &|x| x >= 1.2,
+        );
+    }
+    for id in ["randread-qd32", "randwrite-qd32"] {
+        check(
+            &mut r,
+            &format!("{id}: checksums on (default) / `--checksum off`"),
+            ratio(iops(def, id), iops(off17, id)),
+            "≥ 0.85",
+            &|x| x >= 0.85,
+        );
+    }
+    for id in ["randread-qd32", "seqread-128k"] {
+        check(
+            &mut r,
+            &format!("{id}: `--null --checksum off` / qsd null-co"),
+            ratio(iops(null17, id), iops(qnull, id)),
+            "≥ 1.20",
+            &|x| x >= 1.2,
+        );
+    }
+    let (crc4, mem4, crc128, mem128) = crc_vs_memcpy();
+    check(
+        &mut r,
+        "CRC32C / memcpy time per byte, 4 KiB (hot buffer)",
+        Some(mem4 / crc4),
+        "≤ 2.00",
+        &|x| x <= 2.0,
+    );
+    let _ = writeln!(
+        r,
+        "\nCRC GB/s per core vs memcpy GB/s on this CPU (pinblk's CRC32C, hot buffer, best of 5 \
+         batches; `cargo bench --bench crc` has criterion's figures): 4 KiB {crc4:.1} vs \
+         {mem4:.1}, 128 KiB {crc128:.1} vs {mem128:.1}.\n"
+    );
 
     let _ = writeln!(r, "### Targets (issue 6)\n");
     let find = |needle: &str| specs.iter().position(|s| s.name.contains(needle));
@@ -1240,4 +1341,36 @@ fn report(
     }
     let _ = writeln!(r, "\n_Took {:.0} s._", took.as_secs_f64());
     r
+}
+
+/// GB/s of pinblk's CRC32C and of memcpy on one core, hot buffers, at 4 KiB
+/// and 128 KiB: (crc 4K, memcpy 4K, crc 128K, memcpy 128K). Best of 5
+/// batches of about 50 ms each.
+fn crc_vs_memcpy() -> (f64, f64, f64, f64) {
+    fn best(len: usize, mut f: impl FnMut()) -> f64 {
+        let iters = (64 << 20) / len;
+        (0..6)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    f();
+                }
+                (iters * len) as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .skip(1)
+            .fold(0.0, f64::max)
+    }
+    let mut out = [0.0; 4];
+    for (i, len) in [4 * KIB, 128 * KIB].into_iter().enumerate() {
+        let src: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let mut dst = vec![0u8; len];
+        out[2 * i] = best(len, || {
+            std::hint::black_box(pinblk::integrity::crc32c(std::hint::black_box(&src)));
+        });
+        out[2 * i + 1] = best(len, || {
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+        });
+    }
+    (out[0], out[1], out[2], out[3])
 }

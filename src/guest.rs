@@ -87,26 +87,35 @@ impl fmt::Display for GuestRange {
 }
 
 /// Takes `len` bytes from the front of a list of ranges, returning them as ranges.
-pub fn take_ranges(ranges: &[GuestRange], mut skip: u64, mut len: u64) -> Vec<GuestRange> {
-    let mut out = Vec::new();
-    for r in ranges {
+pub fn take_ranges(ranges: &[GuestRange], skip: u64, len: u64) -> Vec<GuestRange> {
+    iter_ranges(ranges, skip, len).collect()
+}
+
+/// The ranges of bytes `skip..skip+len` of a list of ranges, in order,
+/// without allocating (what [`take_ranges`] collects).
+pub fn iter_ranges(
+    ranges: &[GuestRange],
+    mut skip: u64,
+    mut len: u64,
+) -> impl Iterator<Item = GuestRange> + '_ {
+    ranges.iter().filter_map(move |r| {
         if len == 0 {
-            break;
+            return None;
         }
         let rlen = u64::from(r.len);
         if skip >= rlen {
             skip -= rlen;
-            continue;
+            return None;
         }
         let n = (rlen - skip).min(len);
-        out.push(GuestRange {
+        let out = GuestRange {
             addr: r.addr + skip,
             len: n as u32,
-        });
+        };
         len -= n;
         skip = 0;
-    }
-    out
+        Some(out)
+    })
 }
 
 /// Marks the 4 KiB guest pages under `ranges` (guest-physical addresses)
@@ -142,7 +151,7 @@ pub fn read_ranges<M: GuestMemory + ?Sized>(
     buf: &mut [u8],
 ) -> Result<(), vm_memory::GuestMemoryError> {
     let mut done = 0usize;
-    for r in take_ranges(ranges, offset, buf.len() as u64) {
+    for r in iter_ranges(ranges, offset, buf.len() as u64) {
         let n = r.len as usize;
         mem.read_slice(&mut buf[done..done + n], GuestAddress(r.addr))?;
         done += n;
@@ -158,7 +167,7 @@ pub fn write_ranges<M: GuestMemory + ?Sized>(
     buf: &[u8],
 ) -> Result<(), vm_memory::GuestMemoryError> {
     let mut done = 0usize;
-    for r in take_ranges(ranges, offset, buf.len() as u64) {
+    for r in iter_ranges(ranges, offset, buf.len() as u64) {
         let n = r.len as usize;
         mem.write_slice(&buf[done..done + n], GuestAddress(r.addr))?;
         done += n;

@@ -290,8 +290,8 @@ fn finding8_aliased_read_allowed_by_max_transfer_is_checksummed_in_bounded_memor
     // --max-transfer 256M lets a 256 MiB aliased READ through (1 GiB takes
     // too long for a unit of the test suite in a debug build; the memory
     // taken was the request's size, so 256 MiB shows it as well). With
-    // checksums on, the READ is verified by copying it in 1 MiB windows, not
-    // all at once into a scratch buffer of the request's size.
+    // checksums on, the READ is verified in place over guest memory, not
+    // copied at once into a scratch buffer of the request's size.
     let mut server = Server::start(GIB + 4 * MIB, &["--max-transfer", "256M"]);
     let pid = server.child.id();
     let mut f = TestFrontend::connect(&server.socket, GuestLayout::new(8 * MIB));

@@ -10,6 +10,7 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK}
 
 use super::events::emit;
 use super::job::{Io, Job, Stage};
+use super::memory::with_guest_view;
 use super::QueueWorker;
 use crate::guest::{read_ranges, take_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
@@ -22,8 +23,9 @@ use crate::rule::Rule;
 use crate::sigbus;
 use crate::virtio_blk::Command;
 
-/// Bytes of guest data copied at a time to be checksummed: the size of the
-/// worker's scratch buffer, whatever the request's size (a multiple of 4 KiB).
+/// Bytes of guest data copied at a time where a copy is needed (a
+/// partial-block WRITE, zero-copy): the size of the worker's scratch buffer,
+/// whatever the request's size (a multiple of 4 KiB).
 pub(super) const CHECKSUM_WINDOW: usize = 1 << 20;
 
 /// CRC32C of each 4 KiB chunk of a byte stream fed in pieces of any size
@@ -42,6 +44,11 @@ impl ChunkCrcs {
             crc: 0,
             filled: 0,
         }
+    }
+
+    /// Feeds a scatter list, in order.
+    fn feed_all(&mut self, slices: &[&[u8]]) {
+        slices.iter().for_each(|s| self.feed(s));
     }
 
     fn feed(&mut self, mut data: &[u8]) {
@@ -67,24 +74,42 @@ impl ChunkCrcs {
 }
 
 impl QueueWorker {
-    /// Hands `each(offset, bytes)` the bytes of `f`'s data buffer as they
-    /// are now, in order: its bounce buffer whole, or windows of guest
-    /// memory copied into `scratch` (at most [`CHECKSUM_WINDOW`] bytes, so
-    /// the scratch buffer never grows with the request). A window ends where
-    /// `base + offset` is a multiple of 4 KiB (`base` = 0: chunks of the
-    /// buffer; `base` = the image offset: image blocks), so no 4 KiB chunk
-    /// spans two windows. `false` (after a log line) if guest memory cannot
-    /// be read or was lost under the copy ([`crate::sigbus`]), or if `each`
-    /// returns `false`.
-    fn each_window(
+    /// Hands `each` the bytes of `f`'s data buffer as they are now, as a
+    /// scatter list, without copying them: its bounce buffer, or the pinned
+    /// guest memory itself ([`with_guest_view`]). `false` (after a log line)
+    /// if guest memory cannot be read or was lost under the access
+    /// ([`crate::sigbus`]: then whatever `each` computed must be dropped), or
+    /// if `each` returns `false`.
+    fn each_view(f: &Job, each: impl FnOnce(&[&[u8]]) -> bool) -> bool {
+        if let Some(b) = f.bounce() {
+            return each(&[b.bytes()]);
+        }
+        match with_guest_view(&f.mem, &f.req.data, each) {
+            Err(e) => {
+                log::warn!("request {}: cannot checksum the guest buffer: {e}", f.id);
+                false
+            }
+            Ok(ok) => {
+                let ranges = f.req.data.iter().map(|r| (r.addr, u64::from(r.len)));
+                ok && !sigbus::lost(&f.mem, ranges)
+            }
+        }
+    }
+
+    /// Hands `each(offset, bytes)` the bytes of `f`'s guest buffer as they are
+    /// now, in order, copied into `scratch` in windows of at most
+    /// [`CHECKSUM_WINDOW`] bytes (so the scratch buffer never grows with the
+    /// request). A window ends where `base + offset` is a multiple of 4 KiB
+    /// (`base` = the image offset: image blocks), so no block spans two
+    /// windows. Only for what must be computed twice from the same bytes (a
+    /// partial-block WRITE's chunk CRCs and merged checksums). `false` as
+    /// [`QueueWorker::each_view`].
+    fn each_copied_window(
         scratch: &mut Vec<u8>,
         f: &Job,
         base: u64,
         mut each: impl FnMut(u64, &[u8]) -> bool,
     ) -> bool {
-        if let Some(b) = f.bounce() {
-            return each(0, b.bytes());
-        }
         let len = u64::from(f.req.data_len);
         if scratch.len() < CHECKSUM_WINDOW {
             scratch.resize(CHECKSUM_WINDOW, 0);
@@ -131,19 +156,28 @@ impl QueueWorker {
         let offset = f.req.sector().bytes();
         let len = u64::from(f.req.data_len);
         let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
-        // One copy of the guest bytes serves both: the chunk CRCs (R3) and,
-        // for partial blocks, the merged block checksums the store takes.
-        // Windows end on image blocks: each block is merged whole once.
+        // A bounced WRITE's chunk CRCs were taken while it was copied in
+        // (fused copy and checksum); its buffer is stable since.
+        let fused = f.transfer().is_some_and(|t| {
+            t.bounce.is_some() && t.submitted_crcs.len() as u64 == len.div_ceil(BLOCK_SIZE)
+        });
+        if aligned && fused {
+            return;
+        }
+        // The same bytes serve both: the chunk CRCs (R3) and, for partial
+        // blocks, the merged block checksums the store takes.
         let mut chunks = ChunkCrcs::with_len(len);
         let mut merged = Vec::new();
         let mut merge_failed = false;
         let image = dev.image().file();
         let read_rest = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);
         let id = f.id;
-        let copied = Self::each_window(&mut self.scratch, f, offset, |off, w| {
-            chunks.feed(w);
+        let mut take = |off: u64, data: &[&[u8]]| {
+            if !fused {
+                chunks.feed_all(data);
+            }
             if !aligned && !merge_failed {
-                match store.checksums_with(offset + off, &[w], read_rest) {
+                match store.checksums_with(offset + off, data, read_rest) {
                     Ok(m) => merged.extend(m),
                     Err(e) => {
                         log::warn!(
@@ -154,16 +188,25 @@ impl QueueWorker {
                 }
             }
             true
-        });
+        };
+        let copied = if aligned || f.bounce().is_some() {
+            // Read in place (guest memory or the stable bounce buffer).
+            Self::each_view(f, |data| take(0, data))
+        } else {
+            // Partial blocks from guest memory the guest may be changing:
+            // chunk CRCs and merged checksums from one copy, so they agree.
+            Self::each_copied_window(&mut self.scratch, f, offset, |off, w| take(off, &[w]))
+        };
         if !copied {
             return;
         }
-        let crcs = chunks.finish();
         if merge_failed {
             merged.clear();
         }
         if let Io::Transfer(t) = &mut f.io {
-            t.submitted_crcs = crcs;
+            if !fused {
+                t.submitted_crcs = chunks.finish();
+            }
             t.block_crcs = merged;
         }
     }
@@ -260,8 +303,8 @@ impl QueueWorker {
     /// reached the disk read back from the image.
     fn check_torn(&mut self, f: &Job) {
         let mut chunks = ChunkCrcs::with_len(u64::from(f.req.data_len));
-        if !Self::each_window(&mut self.scratch, f, 0, |_, w| {
-            chunks.feed(w);
+        if !Self::each_view(f, |data| {
+            chunks.feed_all(data);
             true
         }) {
             return;
@@ -325,17 +368,14 @@ impl QueueWorker {
         let offset = f.req.sector().bytes();
         let mut mismatches = Vec::new();
         let id = f.id;
-        // Windows end on image blocks: no block is split between two.
-        if !Self::each_window(&mut self.scratch, f, offset, |off, w| {
-            match store.verify(offset + off, &[w]) {
-                Ok(m) => {
-                    mismatches.extend(m);
-                    true
-                }
-                Err(e) => {
-                    log::error!("request {id}: verify: {e}");
-                    false
-                }
+        if !Self::each_view(f, |data| match store.verify(offset, data) {
+            Ok(m) => {
+                mismatches = m;
+                true
+            }
+            Err(e) => {
+                log::error!("request {id}: verify: {e}");
+                false
             }
         }) {
             return;

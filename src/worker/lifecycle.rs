@@ -21,19 +21,19 @@ use super::events::{conflict_event, emit};
 use super::job::{
     advance, host_iovecs, lba_blocks, write_extent, BounceBuf, Io, Job, Park, Stage, Transfer,
 };
-use super::memory::{guest_memory_lost, Reserve};
+use super::memory::{gather, guest_memory_lost, with_guest_view, Reserve};
 
 use super::{GuestMem, QueueWorker};
-use crate::guest::{mark_dirty, read_ranges, write_ranges};
+use crate::guest::{mark_dirty, write_ranges};
+use crate::integrity::{copy_crc32c_blocks, BLOCK_SIZE};
 use crate::pin::policy::{decide, Action};
 use crate::pin::{Direction, PinRef};
 use crate::storage::engine::{Fallocate, IoVec};
 use crate::storage::{Op, Tag};
-use crate::virtio_blk::chain::ID_LEN;
-use crate::virtio_blk::{parse, Command, Limits, Refused, Request, Segment};
+use crate::virtio_blk::{parse, Command, Limits, Segment};
 
-const OK: u8 = VIRTIO_BLK_S_OK as u8;
-const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+pub(super) const OK: u8 = VIRTIO_BLK_S_OK as u8;
+pub(super) const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 
 impl QueueWorker {
     /// The job in `slot`; a slot named by the worker's own bookkeeping is in use.
@@ -99,56 +99,6 @@ impl QueueWorker {
             intent: None,
         });
         self.admit(slot);
-    }
-
-    /// A refused chain: logged, completed with its status (or with used
-    /// length 0 when it has no status byte).
-    fn refuse(&mut self, mem: &GuestMem, r: Refused) {
-        match (r.status_addr, r.kind) {
-            (None, _) => {
-                log::warn!(
-                    "queue {}: {} (head {}); no status byte, completing with length 0",
-                    self.index,
-                    r.error,
-                    r.head
-                );
-                self.counters().dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            (Some(_), None) => log::warn!(
-                "queue {}: {} (head {}); completing with IOERR",
-                self.index,
-                r.error,
-                r.head
-            ),
-            (Some(_), Some(kind)) => log::warn!(
-                "queue {}: {} sector {} len {} (head {}): {}",
-                self.index,
-                kind.name(),
-                r.sector,
-                r.data_len,
-                r.head,
-                r.error
-            ),
-        }
-        let used = u32::from(r.status_addr.is_some());
-        self.push_used(mem, r.head, r.status_addr, r.error.status(), used);
-    }
-
-    /// GET_ID: the serial (at most 20 bytes) into the data buffer.
-    fn get_id(&mut self, mem: &GuestMem, req: &Request) {
-        let mut id = [0u8; ID_LEN];
-        let serial = self.dev.config().serial.as_bytes();
-        let n = serial.len().min(ID_LEN);
-        id[..n].copy_from_slice(&serial[..n]);
-        let n = (req.data_len as usize).min(ID_LEN);
-        let (status, used) = match write_ranges(mem, &req.data, 0, &id[..n]) {
-            Ok(()) => (OK, n as u32 + 1),
-            Err(e) => {
-                log::warn!("queue {}: GET_ID: cannot write id: {e}", self.index);
-                (IOERR, 1)
-            }
-        };
-        self.push_used(mem, req.head, Some(req.status_addr), status, used);
     }
 
     /// parsed → pinned: pins a READ's or WRITE's data buffer, checks it for
@@ -291,18 +241,34 @@ impl QueueWorker {
         if r != Reserve::Taken {
             return r;
         }
+        let checksums = self.dev.store().is_some();
         let job = self.job(slot);
         let mut b = BounceBuf::new(len as usize);
+        let mut crcs = Vec::new();
         if job.is_write() {
-            if let Err(e) = read_ranges(&*job.mem, &job.req.data, 0, b.bytes_mut()) {
+            // With checksums on, each 4 KiB is checksummed right after it is
+            // copied, while in cache (one pass; R3 needs no second one: the
+            // copy is stable). `guest_memory_lost` is asked before submission.
+            let dst = b.bytes_mut();
+            let copied = with_guest_view(&job.mem, &job.req.data, |src| {
+                if checksums {
+                    crcs.reserve_exact(dst.len().div_ceil(BLOCK_SIZE as usize));
+                    copy_crc32c_blocks(dst, src, |_, c| crcs.push(c));
+                } else {
+                    gather(dst, src);
+                }
+            });
+            if let Err(e) = copied {
                 log::warn!(
                     "request {}: cannot copy guest data to the bounce buffer: {e}",
                     job.id
                 );
                 job.status = IOERR;
+                crcs.clear();
             }
         }
         if let Io::Transfer(t) = &mut job.io {
+            t.submitted_crcs = crcs;
             t.iov = vec![IoVec {
                 base: b.bytes().as_ptr() as usize,
                 len: b.len(),
@@ -503,7 +469,8 @@ impl QueueWorker {
             let slot = self.jobs.insert(job);
             return self.park(slot, Park::CopyOut { waits, deadline });
         }
-        self.done(job);
+        // By reference: a Job is a few hundred bytes, not moved again.
+        self.done(&mut job);
     }
 
     /// The pins a bounced READ must wait for before its data is copied to
@@ -528,7 +495,7 @@ impl QueueWorker {
 
     /// verified → done: copies a bounced READ out, writes the status byte,
     /// pushes the used element, unpins.
-    pub(super) fn done(&mut self, mut job: Job) {
+    pub(super) fn done(&mut self, job: &mut Job) {
         let (bounce, transfer) = match &mut job.io {
             Io::Transfer(t) => (t.bounce.take(), true),
             _ => (None, false),
@@ -554,7 +521,7 @@ impl QueueWorker {
                 }
             }
             self.release_bounce(b.len() as u64);
-            if job.status == OK && guest_memory_lost(self.index, &job) {
+            if job.status == OK && guest_memory_lost(self.index, job) {
                 job.status = IOERR;
             }
         }

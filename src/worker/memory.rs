@@ -4,9 +4,17 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
 use super::job::Job;
-use super::QueueWorker;
+use super::{GuestMem, QueueWorker};
+use crate::guest::GuestRange;
 use crate::sigbus;
+
+/// Host slices of a request's buffer kept on the stack by [`with_guest_view`]
+/// (more spill to the heap): a Linux guest's 4 KiB and 128 KiB requests have
+/// one or a few.
+const VIEW_INLINE: usize = 8;
 
 /// The answer to a bounce-memory reservation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +72,69 @@ impl QueueWorker {
         self.counters()
             .bounce_bytes
             .fetch_sub(len, Ordering::AcqRel);
+    }
+}
+
+/// Runs `f` on a read-only view of the guest-physical `ranges` of `mem`: the
+/// host slices that map them, in order, with no copy (for CRCs computed in
+/// place over pinned guest memory, and the bounce copy-in). No allocation
+/// for up to [`VIEW_INLINE`] host slices. `Err` if a range is outside `mem`.
+///
+/// The bytes may be changed by the guest while `f` reads them (a WRITE's
+/// source scribbled under DMA: R3 exists to see it), and may lie on memory
+/// a truncation took away: the caller asks [`sigbus::lost`] afterwards and
+/// then drops whatever `f` computed.
+pub(super) fn with_guest_view<R>(
+    mem: &GuestMem,
+    ranges: &[GuestRange],
+    f: impl FnOnce(&[&[u8]]) -> R,
+) -> Result<R, String> {
+    let mut inline: [&[u8]; VIEW_INLINE] = [&[]; VIEW_INLINE];
+    let mut spilled: Vec<&[u8]> = Vec::new();
+    let mut n = 0;
+    for r in ranges {
+        for slice in mem.get_slices(GuestAddress(r.addr), r.len as usize) {
+            let slice = slice.map_err(|e| format!("buffer {r} is outside guest memory: {e}"))?;
+            // SAFETY: `slice` is a host range inside one mapped region of
+            // `mem`, and `mem` (a memory snapshot that owns its mappings) is
+            // borrowed for as long as the view lives, so the pages stay mapped;
+            // `u8` has no invalid values. The view is handed to `f` only and
+            // never outlives this call. What Rust cannot see: the mapping is
+            // MAP_SHARED with the frontend, so the guest may store into it
+            // while `f` reads (nothing pinblk does writes through it). Such a
+            // store can only change the bytes `f` reads (a CRC or a copy of
+            // them, taken byte for byte); it is the torn write R3 then reports
+            // or the changed buffer R4 rechecks from the image. A page lost to
+            // a truncated memfd faults, and the SIGBUS handler maps zeroes
+            // there (`crate::sigbus`): the read completes and the caller
+            // drops its result after `sigbus::lost`.
+            let view =
+                unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), slice.len()) };
+            if n < VIEW_INLINE {
+                inline[n] = view;
+            } else {
+                if spilled.is_empty() {
+                    spilled.extend_from_slice(&inline);
+                }
+                spilled.push(view);
+            }
+            n += 1;
+        }
+    }
+    Ok(if n <= VIEW_INLINE {
+        f(&inline[..n])
+    } else {
+        f(&spilled)
+    })
+}
+
+/// Copies the scatter list `src` (concatenated) into `dst`, which it fills.
+pub(super) fn gather(dst: &mut [u8], src: &[&[u8]]) {
+    let mut at = 0;
+    for s in src {
+        let n = s.len().min(dst.len() - at);
+        dst[at..at + n].copy_from_slice(&s[..n]);
+        at += n;
     }
 }
 

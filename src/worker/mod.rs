@@ -9,10 +9,12 @@
 //! Files: `job.rs` (a request's state), `lifecycle.rs` (its transitions), `park.rs`
 //! (stalls, bounce-pool waits, timers, injected delays), `integrity.rs` (R3,
 //! R4 and the checksum store at completion), `events.rs` (report events),
-//! `kick.rs` (bounded popping of the avail ring), `inflight.rs` (the
+//! `kick.rs` (bounded popping of the avail ring), `answer.rs` (refusals and
+//! GET_ID), `inflight.rs` (the
 //! vhost-user inflight record: marking and resubmission), `memory.rs`
 //! (guest memory lost to a truncation).
 
+mod answer;
 mod events;
 mod inflight;
 mod integrity;
@@ -73,7 +75,8 @@ pub struct QueueWorker {
     zero_range_unsupported: bool,
     park: park::Parked,
     rng: fastrand::Rng,
-    /// Reused buffer for copies of guest data being checksummed.
+    /// Reused buffer for copies of guest data: only a zero-copy WRITE
+    /// covering blocks partly is checksummed through it.
     scratch: Vec<u8>,
     /// Reused buffer of reaped completions.
     completions: Vec<(Tag, i32)>,

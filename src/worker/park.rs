@@ -94,8 +94,8 @@ impl QueueWorker {
                 Stage::Parked(Park::CopyOut { waits, deadline }) => {
                     let released = waits.iter().all(|w| dev.pins().is_released(w));
                     if released || force || now >= deadline {
-                        let job = self.jobs.take(slot).expect("parked slot is in use");
-                        self.done(job);
+                        let mut job = self.jobs.take(slot).expect("parked slot is in use");
+                        self.done(&mut job);
                     } else {
                         self.job(slot).stage = Stage::Parked(Park::CopyOut { waits, deadline });
                         self.park.slots.push(slot);
