@@ -136,6 +136,20 @@ pub enum Command {
     Report {
         /// The JSON Lines report.
         path: PathBuf,
+        /// Print each event as its human line (as the log has it, without
+        /// the log's rate limit) instead of the summary.
+        #[arg(long)]
+        human: bool,
+    },
+    /// Draw a report written by `serve --report` as an SVG picture: events
+    /// over time per queue, the blocks with torn writes and checksum
+    /// failures, and the events by policy and action.
+    Plot {
+        /// The JSON Lines report.
+        report: PathBuf,
+        /// The SVG file to write.
+        #[arg(short, long, value_name = "PATH", default_value = "run.svg")]
+        output: PathBuf,
     },
     /// Verify a whole image against its checksum store, offline; exits 1 on any mismatch.
     Scrub {

@@ -17,6 +17,7 @@
 //! - [`integrity`]: per-block checksums of every write and their store.
 //! - [`report`]: report events (JSON Lines, human lines, counters, summary).
 //! - [`device`]: one served device: options, state and counters.
+//! - [`plot`]: a picture of a run, drawn from its report (`pinblk plot`).
 //! - [`worker`]: the per-virtqueue data path, a state machine per request.
 //! - [`vhost`]: the vhost-user side: backend, socket, connections.
 //! - [`cli`]: the command line (only `main` uses it).
@@ -36,6 +37,7 @@ pub mod virtio_blk;
 pub mod report;
 
 pub mod device;
+pub mod plot;
 
 pub mod worker;
 

@@ -28,6 +28,9 @@ enum Error {
     /// `pinblk report`: the report file cannot be read.
     #[error("{0}; pass the file written by `pinblk serve --report`")]
     Report(#[from] ReportError),
+    /// `pinblk plot`: the report cannot be read or drawn.
+    #[error(transparent)]
+    Plot(#[from] pinblk::plot::PlotError),
     /// `pinblk scrub`: the image or its store cannot be read.
     #[error("{}", scrub_message(.0))]
     Scrub(#[from] IntegrityError),
@@ -76,9 +79,32 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn report(path: &Path) -> Result<(), Error> {
+fn report(path: &Path, human: bool) -> Result<(), Error> {
+    if human {
+        let (events, bad) = pinblk::report::read_report(path)?;
+        for e in &events {
+            println!("{}", pinblk::report::human_line(e));
+        }
+        if bad > 0 {
+            eprintln!(
+                "pinblk: {bad} line(s) of {} are not report events (skipped)",
+                path.display()
+            );
+        }
+        return Ok(());
+    }
     let summary = pinblk::report::summary::summarize(path)?;
     println!("{summary}");
+    Ok(())
+}
+
+fn plot(report: &Path, output: &Path) -> Result<(), Error> {
+    let n = pinblk::plot::plot_report(report, output)?;
+    eprintln!(
+        "pinblk plot: {n} events of {} drawn in {}",
+        report.display(),
+        output.display()
+    );
     Ok(())
 }
 
@@ -141,7 +167,8 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Some(Command::Serve(args)) => serve(*args),
-        Some(Command::Report { path }) => report(&path),
+        Some(Command::Report { path, human }) => report(&path, human),
+        Some(Command::Plot { report, output }) => plot(&report, &output),
         Some(Command::Scrub {
             image,
             checksum_store,
