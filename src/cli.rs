@@ -111,6 +111,15 @@ Example (QEMU guest under TCG, 2 queues):
 vhost-user needs guest memory QEMU can share (memory-backend-memfd or
 memory-backend-file with share=on). Set RUST_LOG=debug for more detail.";
 
+const CTL_EXAMPLE: &str = "\
+Examples:
+  pinblk ctl /run/pinblk.ctl query-stats
+  pinblk ctl /run/pinblk.ctl set-policy policy=bounce bounce=always
+  pinblk ctl /run/pinblk.ctl set-on-mismatch on-mismatch=eio
+  pinblk ctl /run/pinblk.ctl set-injection read-delay-ms=20 probability=0.5
+  pinblk ctl /run/pinblk.ctl set-injection read-delay-ms=0      # off
+  pinblk ctl /run/pinblk.ctl flush-report";
+
 /// pinblk: a vhost-user-blk backend that pins guest pages under DMA,
 /// detects writes of pages still under DMA and checksums every write.
 #[derive(Debug, Parser)]
@@ -150,6 +159,18 @@ pub enum Command {
         /// The SVG file to write.
         #[arg(short, long, value_name = "PATH", default_value = "run.svg")]
         output: PathBuf,
+    },
+    /// Send one command to a running `pinblk serve --control PATH` and print
+    /// its answer (JSON); exits 1 on an error reply.
+    #[command(after_help = CTL_EXAMPLE)]
+    Ctl {
+        /// The control socket.
+        socket: PathBuf,
+        /// The command: query-stats, query-pins, query-config, set-policy,
+        /// set-on-mismatch, set-injection, flush-report, query-commands.
+        command: String,
+        /// Arguments: KEY=VALUE pairs (VALUE is JSON or a plain word) or one JSON object.
+        args: Vec<String>,
     },
     /// Verify a whole image against its checksum store, offline; exits 1 on any mismatch.
     Scrub {
@@ -285,6 +306,11 @@ pub struct ServeArgs {
     /// Exit after serving this many connections (default: serve until SIGINT/SIGTERM).
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u64>,
+
+    /// Control socket (mode 0600): JSON lines in the style of QMP, e.g.
+    /// `{"execute":"set-policy","arguments":{"policy":"bounce"}}`; `pinblk ctl` is its client.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 impl Cli {

@@ -20,6 +20,7 @@
 //! - [`plot`]: a picture of a run, drawn from its report (`pinblk plot`).
 //! - [`worker`]: the per-virtqueue data path, a state machine per request.
 //! - [`vhost`]: the vhost-user side: backend, socket, connections.
+//! - [`control`]: the control socket (QMP-style JSON lines) and its client.
 //! - [`cli`]: the command line (only `main` uses it).
 
 pub mod guest;
@@ -41,6 +42,7 @@ pub mod plot;
 
 pub mod worker;
 
+pub mod control;
 pub mod vhost;
 
 pub mod cli;

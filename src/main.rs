@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use pinblk::cli::{ArgsError, Cli, Command, ServeArgs, CAPABILITIES};
+use pinblk::control::{ControlError, ControlServer};
 use pinblk::device::{Device, DeviceError, DeviceOptions};
 use pinblk::integrity::{default_store_path, IntegrityError};
 use pinblk::report::ReportError;
@@ -28,6 +29,17 @@ enum Error {
     /// `pinblk report`: the report file cannot be read.
     #[error("{0}; pass the file written by `pinblk serve --report`")]
     Report(#[from] ReportError),
+    /// The control socket or `pinblk ctl`'s request failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// `pinblk ctl`: the server answered with an error.
+    #[error("{class}: {desc}")]
+    CtlReply {
+        /// QMP error class.
+        class: String,
+        /// What went wrong.
+        desc: String,
+    },
     /// `pinblk plot`: the report cannot be read or drawn.
     #[error(transparent)]
     Plot(#[from] pinblk::plot::PlotError),
@@ -63,9 +75,19 @@ impl Error {
 fn serve(args: ServeArgs) -> Result<(), Error> {
     let socket: PathBuf = args.socket.clone();
     let max_connections = args.max_connections;
+    let control = args.control.clone();
     let opts = DeviceOptions::try_from(args)?;
     let dev = Arc::new(Device::open(&opts)?);
-    pinblk::vhost::server::serve(dev.clone(), &socket, max_connections)?;
+    let control = match control {
+        Some(path) => Some(ControlServer::start(dev.clone(), &path)?),
+        None => None,
+    };
+    let served = pinblk::vhost::server::serve(dev.clone(), &socket, max_connections);
+    // Its threads hold the device: end them before closing it.
+    if let Some(c) = control {
+        c.stop();
+    }
+    served?;
     log::info!("stopped; counters: {}", dev.counters_json());
     // Every connection is gone: the device is ours alone again.
     if let Ok(dev) = Arc::try_unwrap(dev) {
@@ -96,6 +118,23 @@ fn report(path: &Path, human: bool) -> Result<(), Error> {
     let summary = pinblk::report::summary::summarize(path)?;
     println!("{summary}");
     Ok(())
+}
+
+fn ctl(socket: &Path, command: &str, args: &[String]) -> Result<(), Error> {
+    let line = pinblk::control::request_line(command, args)?;
+    let reply = pinblk::control::send(socket, &line)?;
+    if let Some(r) = reply.get("return") {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).unwrap_or_else(|_| r.to_string())
+        );
+        return Ok(());
+    }
+    let e = &reply["error"];
+    Err(Error::CtlReply {
+        class: e["class"].as_str().unwrap_or("GenericError").to_string(),
+        desc: e["desc"].as_str().unwrap_or("no description").to_string(),
+    })
 }
 
 fn plot(report: &Path, output: &Path) -> Result<(), Error> {
@@ -169,6 +208,11 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(*args),
         Some(Command::Report { path, human }) => report(&path, human),
         Some(Command::Plot { report, output }) => plot(&report, &output),
+        Some(Command::Ctl {
+            socket,
+            command,
+            args,
+        }) => ctl(&socket, &command, &args),
         Some(Command::Scrub {
             image,
             checksum_store,

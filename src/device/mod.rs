@@ -24,9 +24,11 @@ use crate::storage::{Image, ImageOptions};
 use crate::virtio_blk::config::DeviceConfig;
 
 mod error;
+mod runtime;
 mod topology;
 
 pub use error::DeviceError;
+pub use runtime::RuntimeSettings;
 
 /// Most request virtqueues a device has.
 pub const MAX_QUEUES: u16 = 64;
@@ -233,7 +235,8 @@ impl Default for DeviceParts {
 }
 
 /// One served block device. Built once ([`Device::open`] or
-/// [`Device::from_parts`]) and never changed after; shared by every
+/// [`Device::from_parts`]) and never changed after, except the settings of
+/// [`Device::runtime`] (atomics the control socket sets); shared by every
 /// connection and queue behind an `Arc`.
 pub struct Device {
     config: DeviceConfig,
@@ -247,7 +250,7 @@ pub struct Device {
     bounce_in_use: AtomicU64,
     store: Option<ChecksumStore>,
     ranges: Option<RangeLocks>,
-    on_mismatch: OnMismatch,
+    runtime: RuntimeSettings,
     next_request_id: AtomicU64,
 }
 
@@ -348,13 +351,13 @@ impl Device {
             queue_counters,
             null: parts.null,
             pin_tracking: parts.pin_tracking,
-            policy: parts.policy,
+            policy: parts.policy.clone(),
             report: parts.report,
             bounce_in_use: AtomicU64::new(0),
             ranges: (parts.store.is_some() && parts.range_tracking)
                 .then(|| RangeLocks::new(num_queues)),
             store: parts.store,
-            on_mismatch: parts.on_mismatch,
+            runtime: RuntimeSettings::new(&parts.policy, parts.on_mismatch),
             next_request_id: AtomicU64::new(1),
         }
     }
@@ -410,8 +413,20 @@ impl Device {
         self.pin_tracking
     }
 
-    /// What to do about conflicts.
-    pub fn policy(&self) -> &PolicyConfig {
+    /// What to do about conflicts, now: the settings the device was opened
+    /// with, and the policy, bounce mode and fault injection as last set
+    /// ([`Device::runtime`]; a few relaxed atomic loads, no lock).
+    pub fn policy(&self) -> PolicyConfig {
+        self.runtime.policy(&self.policy)
+    }
+
+    /// The settings the control socket may change while the device serves.
+    pub fn runtime(&self) -> &RuntimeSettings {
+        &self.runtime
+    }
+
+    /// The policy settings the device was opened with.
+    pub fn initial_policy(&self) -> &PolicyConfig {
         &self.policy
     }
 
@@ -440,7 +455,7 @@ impl Device {
 
     /// What a READ gets when a block fails verification.
     pub fn on_mismatch(&self) -> OnMismatch {
-        self.on_mismatch
+        self.runtime.on_mismatch()
     }
 
     /// A fresh request id, unique for the life of the process, starting at 1.
