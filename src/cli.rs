@@ -129,6 +129,10 @@ pub struct Cli {
     #[arg(long)]
     pub print_capabilities: bool,
 
+    /// No progress display (scrub, creating or recovering a checksum store).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -5,7 +5,8 @@
 //! modules below it in this list (`ci/check-layers` enforces it):
 //! - [`guest`], [`rule`], [`sys`]: the shared vocabulary (guest-physical
 //!   ranges, sectors, guest pages; the detection rules R1–R4) and small OS
-//!   helpers; [`logging`]: log lines rate-limited per kind of message.
+//!   helpers; [`logging`]: log lines rate-limited per kind of message;
+//!   [`progress`]: progress of long operations (bar, plain lines, quiet).
 //! - [`sigbus`]: guest memory the frontend can take away: region sizes
 //!   checked against their files, SIGBUS on guest memory survived.
 //! - [`virtio_blk`]: the virtio-blk wire format: a descriptor chain parsed
@@ -25,6 +26,7 @@
 
 pub mod guest;
 pub mod logging;
+pub mod progress;
 pub mod rule;
 pub mod sigbus;
 pub mod sys;

@@ -10,6 +10,7 @@ use pinblk::cli::{ArgsError, Cli, Command, ServeArgs, CAPABILITIES};
 use pinblk::control::{ControlError, ControlServer};
 use pinblk::device::{Device, DeviceError, DeviceOptions};
 use pinblk::integrity::{default_store_path, IntegrityError};
+use pinblk::progress::Progress;
 use pinblk::report::ReportError;
 use pinblk::vhost::server::ServeError;
 
@@ -72,12 +73,21 @@ impl Error {
     }
 }
 
-fn serve(args: ServeArgs) -> Result<(), Error> {
+fn serve(args: ServeArgs, quiet: bool) -> Result<(), Error> {
     let socket: PathBuf = args.socket.clone();
     let max_connections = args.max_connections;
     let control = args.control.clone();
     let opts = DeviceOptions::try_from(args)?;
-    let dev = Arc::new(Device::open(&opts)?);
+    let mut progress = Progress::new(
+        &format!(
+            "checksumming {} for its checksum store",
+            opts.image.display()
+        ),
+        quiet,
+    );
+    let dev = Device::open_with_progress(&opts, Some(&mut |d, t| progress.update(d, t)));
+    progress.finish();
+    let dev = Arc::new(dev?);
     let control = match control {
         Some(path) => Some(ControlServer::start(dev.clone(), &path)?),
         None => None,
@@ -147,28 +157,20 @@ fn plot(report: &Path, output: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Offline verification with a progress line; `Ok(false)` on any mismatch
+/// Offline verification with a progress display; `Ok(false)` on any mismatch
 /// that fails the scrub (any on a clean store; outside every marked
 /// write-intent region on a store not closed cleanly).
-fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, Error> {
+fn scrub(image: &Path, store: Option<&Path>, quiet: bool) -> Result<bool, Error> {
     if store.is_none() && pinblk::storage::blockdev::is_block_device(image) {
         return Err(Error::ScrubStoreRequired(image.to_path_buf()));
     }
     let store = store
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_store_path(image));
-    let mut last = u64::MAX;
-    let r = pinblk::integrity::scrub(image, &store, |done, total| {
-        let pct = done * 100 / total.max(1);
-        if pct != last {
-            last = pct;
-            eprint!(
-                "\rscrub {}: {pct:3}% ({done}/{total} blocks of 4 KiB)",
-                image.display()
-            );
-        }
-    })?;
-    eprintln!();
+    let mut progress = Progress::new(&format!("scrub {}", image.display()), quiet);
+    let r = pinblk::integrity::scrub(image, &store, |done, total| progress.update(done, total));
+    progress.finish();
+    let r = r?;
     for m in &r.mismatches {
         print!(
             "checksum mismatch: block {} (sector {:#x}): expected csum {:#010x}, found {:#010x}",
@@ -205,7 +207,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let result = match cli.command {
-        Some(Command::Serve(args)) => serve(*args),
+        Some(Command::Serve(args)) => serve(*args, cli.quiet),
         Some(Command::Report { path, human }) => report(&path, human),
         Some(Command::Plot { report, output }) => plot(&report, &output),
         Some(Command::Ctl {
@@ -216,7 +218,7 @@ fn main() -> ExitCode {
         Some(Command::Scrub {
             image,
             checksum_store,
-        }) => match scrub(&image, checksum_store.as_deref()) {
+        }) => match scrub(&image, checksum_store.as_deref(), cli.quiet) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => Err(e),

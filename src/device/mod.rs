@@ -269,6 +269,20 @@ impl Device {
     /// [`DeviceError::Image`], [`DeviceError::Report`] or
     /// [`DeviceError::Store`] if a file cannot be opened.
     pub fn open(opts: &DeviceOptions) -> Result<Device, DeviceError> {
+        Self::open_with_progress(opts, None)
+    }
+
+    /// As [`Device::open`], with `progress(done_blocks, total_blocks)`
+    /// called while the checksum store is created from the image or
+    /// recovered (`None`: a log line every 10 % for images of 256 MiB or
+    /// more).
+    ///
+    /// # Errors
+    /// As [`Device::open`].
+    pub fn open_with_progress(
+        opts: &DeviceOptions,
+        progress: Option<&mut dyn FnMut(u64, u64)>,
+    ) -> Result<Device, DeviceError> {
         opts.validate()?;
         let io = &opts.image_options;
         let image = Image::open(&opts.image, io)?;
@@ -297,7 +311,7 @@ impl Device {
             log::warn!("--pin-tracking off: no pins, no conflict detection, no policy");
         }
         let store = if opts.checksum && !opts.null {
-            open_store(opts, &image, &report)?
+            open_store(opts, &image, &report, progress)?
         } else {
             None
         };
@@ -503,6 +517,7 @@ fn open_store(
     opts: &DeviceOptions,
     image: &Image,
     report: &ReportWriter,
+    progress: Option<&mut dyn FnMut(u64, u64)>,
 ) -> Result<Option<ChecksumStore>, DeviceError> {
     let read_only = image.read_only();
     let identity = image.block_device().map(|b| b.identity.clone());
@@ -526,7 +541,10 @@ fn open_store(
         );
         return Ok(None);
     }
-    let (store, outcome) = ChecksumStore::open(&opts.image, &store_opts)?;
+    let (store, outcome) = match progress {
+        Some(p) => ChecksumStore::open_with_progress(&opts.image, &store_opts, p)?,
+        None => ChecksumStore::open(&opts.image, &store_opts)?,
+    };
     if outcome.created {
         log::info!(
             "created checksum store {} from the image",
