@@ -231,6 +231,11 @@ reasons=()
 		echo "  Block $blk in the report (pinblk report --human): the write, then its read-back:"
 		fold -s -w 100 <<<"$torn_line" | sed '1s/^/    /; 2,$s/^/      /'
 		[[ -z $csum_line ]] || fold -s -w 100 <<<"$csum_line" | sed '1s/^/    /; 2,$s/^/      /'
+		# CRC32C of 4096 bytes of 0xff and of 0x00.
+		[[ $torn_line != *"csum 0x98f94189 expected csum 0x25c1fe13"* ]] || {
+			echo "    (\"expected csum\": of the bytes the write was submitted with, 0xff; \"csum\": of what"
+			echo "    the disk holds: the 0x00 the guest wrote into the buffer while the write was in flight)"
+		}
 	fi
 	echo
 	echo "  report:  $REPORT   (pinblk report $REPORT)"

@@ -163,7 +163,8 @@ fn timeline(area: &DrawingArea<SVGBackend, Shift>, events: &[&Event]) -> Result<
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(80)
-        .build_cartesian_2d(0f64..x_max, -0.5f64..(queues - 0.5))
+        // Headroom above the last queue for the legend.
+        .build_cartesian_2d(0f64..x_max, -0.5f64..(queues + 0.15))
         .map_err(draw_err)?;
     chart
         .configure_mesh()
@@ -171,7 +172,7 @@ fn timeline(area: &DrawingArea<SVGBackend, Shift>, events: &[&Event]) -> Result<
         .y_desc("virtqueue")
         .y_labels((2 * queues as usize + 1).max(3))
         .y_label_formatter(&|y| {
-            if (y - y.round()).abs() < 1e-9 && *y >= 0.0 {
+            if (y - y.round()).abs() < 1e-9 && *y >= 0.0 && *y < queues {
                 format!("queue {}", y.round() as u64)
             } else {
                 String::new()
@@ -213,7 +214,7 @@ fn timeline(area: &DrawingArea<SVGBackend, Shift>, events: &[&Event]) -> Result<
             if last.is_some() {
                 chart
                     .draw_series(DashedLineSeries::new(
-                        [(x, -0.5), (x, queues - 0.5)],
+                        [(x, -0.5), (x, queues + 0.15)],
                         6,
                         4,
                         BLACK.stroke_width(1),

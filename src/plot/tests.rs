@@ -70,7 +70,9 @@ fn recorded_report_renders_with_its_labels() {
     ] {
         assert!(has(&t, want), "no text {want:?} in the SVG; texts: {t:?}");
     }
-    // No legend entry or bar for a kind the report does not have.
+    // Only the queues there are; no legend entry or bar for a kind the
+    // report does not have.
+    assert!(!has(&t, "queue 2"), "{t:?}");
     assert!(!t.iter().any(|s| s.starts_with("recovered (")), "{t:?}");
     assert!(!t.iter().any(|s| s.contains("-> fail")), "{t:?}");
     // Policies in the order they appeared: passthrough's bars above bounce's.
