@@ -111,6 +111,15 @@ Example (QEMU guest under TCG, 2 queues):
 vhost-user needs guest memory QEMU can share (memory-backend-memfd or
 memory-backend-file with share=on). Set RUST_LOG=debug for more detail.";
 
+const CTL_EXAMPLE: &str = "\
+Examples:
+  pinblk ctl /run/pinblk.ctl query-stats
+  pinblk ctl /run/pinblk.ctl set-policy policy=bounce bounce=always
+  pinblk ctl /run/pinblk.ctl set-on-mismatch on-mismatch=eio
+  pinblk ctl /run/pinblk.ctl set-injection read-delay-ms=20 probability=0.5
+  pinblk ctl /run/pinblk.ctl set-injection read-delay-ms=0      # off
+  pinblk ctl /run/pinblk.ctl flush-report";
+
 /// pinblk: a vhost-user-blk backend that pins guest pages under DMA,
 /// detects writes of pages still under DMA and checksums every write.
 #[derive(Debug, Parser)]
@@ -119,6 +128,10 @@ pub struct Cli {
     /// Print the backend's capabilities as JSON (QEMU docs/interop/vhost-user.json) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+
+    /// No progress display (scrub, creating or recovering a checksum store).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
 
     /// What to do.
     #[command(subcommand)]
@@ -136,6 +149,32 @@ pub enum Command {
     Report {
         /// The JSON Lines report.
         path: PathBuf,
+        /// Print each event as its human line (as the log has it, without
+        /// the log's rate limit) instead of the summary.
+        #[arg(long)]
+        human: bool,
+    },
+    /// Draw a report written by `serve --report` as an SVG picture: events
+    /// over time per queue, the blocks with torn writes and checksum
+    /// failures, and the events by policy and action.
+    Plot {
+        /// The JSON Lines report.
+        report: PathBuf,
+        /// The SVG file to write.
+        #[arg(short, long, value_name = "PATH", default_value = "run.svg")]
+        output: PathBuf,
+    },
+    /// Send one command to a running `pinblk serve --control PATH` and print
+    /// its answer (JSON); exits 1 on an error reply.
+    #[command(after_help = CTL_EXAMPLE)]
+    Ctl {
+        /// The control socket.
+        socket: PathBuf,
+        /// The command: query-stats, query-pins, query-config, set-policy,
+        /// set-on-mismatch, set-injection, flush-report, query-commands.
+        command: String,
+        /// Arguments: KEY=VALUE pairs (VALUE is JSON or a plain word) or one JSON object.
+        args: Vec<String>,
     },
     /// Verify a whole image against its checksum store, offline; exits 1 on any mismatch.
     Scrub {
@@ -271,6 +310,11 @@ pub struct ServeArgs {
     /// Exit after serving this many connections (default: serve until SIGINT/SIGTERM).
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u64>,
+
+    /// Control socket (mode 0600): JSON lines in the style of QMP, e.g.
+    /// `{"execute":"set-policy","arguments":{"policy":"bounce"}}`; `pinblk ctl` is its client.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 impl Cli {

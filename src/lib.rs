@@ -5,7 +5,8 @@
 //! modules below it in this list (`ci/check-layers` enforces it):
 //! - [`guest`], [`rule`], [`sys`]: the shared vocabulary (guest-physical
 //!   ranges, sectors, guest pages; the detection rules R1–R4) and small OS
-//!   helpers; [`logging`]: log lines rate-limited per kind of message.
+//!   helpers; [`logging`]: log lines rate-limited per kind of message;
+//!   [`progress`]: progress of long operations (bar, plain lines, quiet).
 //! - [`sigbus`]: guest memory the frontend can take away: region sizes
 //!   checked against their files, SIGBUS on guest memory survived.
 //! - [`virtio_blk`]: the virtio-blk wire format: a descriptor chain parsed
@@ -17,12 +18,15 @@
 //! - [`integrity`]: per-block checksums of every write and their store.
 //! - [`report`]: report events (JSON Lines, human lines, counters, summary).
 //! - [`device`]: one served device: options, state and counters.
+//! - [`plot`]: a picture of a run, drawn from its report (`pinblk plot`).
 //! - [`worker`]: the per-virtqueue data path, a state machine per request.
 //! - [`vhost`]: the vhost-user side: backend, socket, connections.
+//! - [`control`]: the control socket (QMP-style JSON lines) and its client.
 //! - [`cli`]: the command line (only `main` uses it).
 
 pub mod guest;
 pub mod logging;
+pub mod progress;
 pub mod rule;
 pub mod sigbus;
 pub mod sys;
@@ -36,9 +40,11 @@ pub mod virtio_blk;
 pub mod report;
 
 pub mod device;
+pub mod plot;
 
 pub mod worker;
 
+pub mod control;
 pub mod vhost;
 
 pub mod cli;

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use pinblk::cli::{ArgsError, Cli, Command, ServeArgs, CAPABILITIES};
+use pinblk::control::{ControlError, ControlServer};
 use pinblk::device::{Device, DeviceError, DeviceOptions};
 use pinblk::integrity::{default_store_path, IntegrityError};
+use pinblk::progress::Progress;
 use pinblk::report::ReportError;
 use pinblk::vhost::server::ServeError;
 
@@ -28,6 +30,20 @@ enum Error {
     /// `pinblk report`: the report file cannot be read.
     #[error("{0}; pass the file written by `pinblk serve --report`")]
     Report(#[from] ReportError),
+    /// The control socket or `pinblk ctl`'s request failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// `pinblk ctl`: the server answered with an error.
+    #[error("{class}: {desc}")]
+    CtlReply {
+        /// QMP error class.
+        class: String,
+        /// What went wrong.
+        desc: String,
+    },
+    /// `pinblk plot`: the report cannot be read or drawn.
+    #[error(transparent)]
+    Plot(#[from] pinblk::plot::PlotError),
     /// `pinblk scrub`: the image or its store cannot be read.
     #[error("{}", scrub_message(.0))]
     Scrub(#[from] IntegrityError),
@@ -57,12 +73,31 @@ impl Error {
     }
 }
 
-fn serve(args: ServeArgs) -> Result<(), Error> {
+fn serve(args: ServeArgs, quiet: bool) -> Result<(), Error> {
     let socket: PathBuf = args.socket.clone();
     let max_connections = args.max_connections;
+    let control = args.control.clone();
     let opts = DeviceOptions::try_from(args)?;
-    let dev = Arc::new(Device::open(&opts)?);
-    pinblk::vhost::server::serve(dev.clone(), &socket, max_connections)?;
+    let mut progress = Progress::new(
+        &format!(
+            "checksumming {} for its checksum store",
+            opts.image.display()
+        ),
+        quiet,
+    );
+    let dev = Device::open_with_progress(&opts, Some(&mut |d, t| progress.update(d, t)));
+    progress.finish();
+    let dev = Arc::new(dev?);
+    let control = match control {
+        Some(path) => Some(ControlServer::start(dev.clone(), &path)?),
+        None => None,
+    };
+    let served = pinblk::vhost::server::serve(dev.clone(), &socket, max_connections);
+    // Its threads hold the device: end them before closing it.
+    if let Some(c) = control {
+        c.stop();
+    }
+    served?;
     log::info!("stopped; counters: {}", dev.counters_json());
     // Every connection is gone: the device is ours alone again.
     if let Ok(dev) = Arc::try_unwrap(dev) {
@@ -76,34 +111,66 @@ fn serve(args: ServeArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn report(path: &Path) -> Result<(), Error> {
+fn report(path: &Path, human: bool) -> Result<(), Error> {
+    if human {
+        let (events, bad) = pinblk::report::read_report(path)?;
+        for e in &events {
+            println!("{}", pinblk::report::human_line(e));
+        }
+        if bad > 0 {
+            eprintln!(
+                "pinblk: {bad} line(s) of {} are not report events (skipped)",
+                path.display()
+            );
+        }
+        return Ok(());
+    }
     let summary = pinblk::report::summary::summarize(path)?;
     println!("{summary}");
     Ok(())
 }
 
-/// Offline verification with a progress line; `Ok(false)` on any mismatch
+fn ctl(socket: &Path, command: &str, args: &[String]) -> Result<(), Error> {
+    let line = pinblk::control::request_line(command, args)?;
+    let reply = pinblk::control::send(socket, &line)?;
+    if let Some(r) = reply.get("return") {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).unwrap_or_else(|_| r.to_string())
+        );
+        return Ok(());
+    }
+    let e = &reply["error"];
+    Err(Error::CtlReply {
+        class: e["class"].as_str().unwrap_or("GenericError").to_string(),
+        desc: e["desc"].as_str().unwrap_or("no description").to_string(),
+    })
+}
+
+fn plot(report: &Path, output: &Path) -> Result<(), Error> {
+    let n = pinblk::plot::plot_report(report, output)?;
+    eprintln!(
+        "pinblk plot: {n} events of {} drawn in {}",
+        report.display(),
+        output.display()
+    );
+    Ok(())
+}
+
+/// Offline verification with a progress display; `Ok(false)` on any mismatch
 /// that fails the scrub (any on a clean store; outside every marked
 /// write-intent region on a store not closed cleanly).
-fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, Error> {
+fn scrub(image: &Path, store: Option<&Path>, quiet: bool) -> Result<bool, Error> {
     if store.is_none() && pinblk::storage::blockdev::is_block_device(image) {
         return Err(Error::ScrubStoreRequired(image.to_path_buf()));
     }
     let store = store
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_store_path(image));
-    let mut last = u64::MAX;
-    let r = pinblk::integrity::scrub(image, &store, |done, total| {
-        let pct = done * 100 / total.max(1);
-        if pct != last {
-            last = pct;
-            eprint!(
-                "\rscrub {}: {pct:3}% ({done}/{total} blocks of 4 KiB)",
-                image.display()
-            );
-        }
-    })?;
-    eprintln!();
+    let mut progress = Progress::new(&format!("scrub {}", image.display()), quiet);
+    let r = pinblk::integrity::scrub(image, &store, |done, total| progress.update(done, total));
+    progress.finish();
+    let r = r?;
     for m in &r.mismatches {
         print!(
             "checksum mismatch: block {} (sector {:#x}): expected csum {:#010x}, found {:#010x}",
@@ -140,12 +207,18 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let result = match cli.command {
-        Some(Command::Serve(args)) => serve(*args),
-        Some(Command::Report { path }) => report(&path),
+        Some(Command::Serve(args)) => serve(*args, cli.quiet),
+        Some(Command::Report { path, human }) => report(&path, human),
+        Some(Command::Plot { report, output }) => plot(&report, &output),
+        Some(Command::Ctl {
+            socket,
+            command,
+            args,
+        }) => ctl(&socket, &command, &args),
         Some(Command::Scrub {
             image,
             checksum_store,
-        }) => match scrub(&image, checksum_store.as_deref()) {
+        }) => match scrub(&image, checksum_store.as_deref(), cli.quiet) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => Err(e),

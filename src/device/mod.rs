@@ -24,9 +24,11 @@ use crate::storage::{Image, ImageOptions};
 use crate::virtio_blk::config::DeviceConfig;
 
 mod error;
+mod runtime;
 mod topology;
 
 pub use error::DeviceError;
+pub use runtime::RuntimeSettings;
 
 /// Most request virtqueues a device has.
 pub const MAX_QUEUES: u16 = 64;
@@ -237,7 +239,8 @@ impl Default for DeviceParts {
 }
 
 /// One served block device. Built once ([`Device::open`] or
-/// [`Device::from_parts`]) and never changed after; shared by every
+/// [`Device::from_parts`]) and never changed after, except the settings of
+/// [`Device::runtime`] (atomics the control socket sets); shared by every
 /// connection and queue behind an `Arc`.
 pub struct Device {
     config: DeviceConfig,
@@ -251,7 +254,7 @@ pub struct Device {
     bounce_in_use: AtomicU64,
     store: Option<ChecksumStore>,
     ranges: Option<RangeLocks>,
-    on_mismatch: OnMismatch,
+    runtime: RuntimeSettings,
     next_request_id: AtomicU64,
 }
 
@@ -270,6 +273,20 @@ impl Device {
     /// [`DeviceError::Image`], [`DeviceError::Report`] or
     /// [`DeviceError::Store`] if a file cannot be opened.
     pub fn open(opts: &DeviceOptions) -> Result<Device, DeviceError> {
+        Self::open_with_progress(opts, None)
+    }
+
+    /// As [`Device::open`], with `progress(done_blocks, total_blocks)`
+    /// called while the checksum store is created from the image or
+    /// recovered (`None`: a log line every 10 % for images of 256 MiB or
+    /// more).
+    ///
+    /// # Errors
+    /// As [`Device::open`].
+    pub fn open_with_progress(
+        opts: &DeviceOptions,
+        progress: Option<&mut dyn FnMut(u64, u64)>,
+    ) -> Result<Device, DeviceError> {
         opts.validate()?;
         let io = &opts.image_options;
         let image = Image::open(&opts.image, io)?;
@@ -298,7 +315,7 @@ impl Device {
             log::warn!("--pin-tracking off: no pins, no conflict detection, no policy");
         }
         let store = if opts.checksum && !opts.null {
-            open_store(opts, &image, &report)?
+            open_store(opts, &image, &report, progress)?
         } else {
             None
         };
@@ -350,12 +367,12 @@ impl Device {
             queue_counters,
             null: parts.null,
             pin_tracking: parts.pin_tracking,
-            policy: parts.policy,
+            policy: parts.policy.clone(),
             report: parts.report,
             bounce_in_use: AtomicU64::new(0),
             ranges: (parts.store.is_some() && parts.range_tracking).then(|| RangeLocks::new(slots)),
             store: parts.store,
-            on_mismatch: parts.on_mismatch,
+            runtime: RuntimeSettings::new(&parts.policy, parts.on_mismatch),
             next_request_id: AtomicU64::new(1),
         }
     }
@@ -412,8 +429,20 @@ impl Device {
         self.pin_tracking
     }
 
-    /// What to do about conflicts.
-    pub fn policy(&self) -> &PolicyConfig {
+    /// What to do about conflicts, now: the settings the device was opened
+    /// with, and the policy, bounce mode and fault injection as last set
+    /// ([`Device::runtime`]; a few relaxed atomic loads, no lock).
+    pub fn policy(&self) -> PolicyConfig {
+        self.runtime.policy(&self.policy)
+    }
+
+    /// The settings the control socket may change while the device serves.
+    pub fn runtime(&self) -> &RuntimeSettings {
+        &self.runtime
+    }
+
+    /// The policy settings the device was opened with.
+    pub fn initial_policy(&self) -> &PolicyConfig {
         &self.policy
     }
 
@@ -442,7 +471,7 @@ impl Device {
 
     /// What a READ gets when a block fails verification.
     pub fn on_mismatch(&self) -> OnMismatch {
-        self.on_mismatch
+        self.runtime.on_mismatch()
     }
 
     /// A fresh request id, unique for the life of the process, starting at 1.
@@ -490,6 +519,7 @@ fn open_store(
     opts: &DeviceOptions,
     image: &Image,
     report: &ReportWriter,
+    progress: Option<&mut dyn FnMut(u64, u64)>,
 ) -> Result<Option<ChecksumStore>, DeviceError> {
     let read_only = image.read_only();
     let identity = image.block_device().map(|b| b.identity.clone());
@@ -513,7 +543,10 @@ fn open_store(
         );
         return Ok(None);
     }
-    let (store, outcome) = ChecksumStore::open(&opts.image, &store_opts)?;
+    let (store, outcome) = match progress {
+        Some(p) => ChecksumStore::open_with_progress(&opts.image, &store_opts, p)?,
+        None => ChecksumStore::open(&opts.image, &store_opts)?,
+    };
     if outcome.created {
         log::info!(
             "created checksum store {} from the image",

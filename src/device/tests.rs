@@ -35,7 +35,7 @@ fn open_builds_everything_once() {
     assert_eq!(dev.image().size(), 1 << 20);
     assert!(dev.pin_tracking() && !dev.null());
     assert_eq!(dev.on_mismatch(), OnMismatch::Eio);
-    assert_eq!(dev.policy(), &o.policy);
+    assert_eq!(dev.policy(), o.policy);
     assert_eq!(dev.report().path(), o.report.as_deref());
     assert!(dev.store().is_some());
     assert!(default_store_path(&o.image).exists());

@@ -272,6 +272,20 @@ impl ReportWriter {
         Ok(())
     }
 
+    /// Flushes the report file and makes it durable (`fdatasync`); nothing
+    /// to do without a file.
+    ///
+    /// # Errors
+    /// The `io::Error` of the flush or the sync.
+    pub fn sync(&self) -> std::io::Result<()> {
+        if let Some(out) = &self.out {
+            let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
+            w.flush()?;
+            w.get_ref().sync_data()?;
+        }
+        Ok(())
+    }
+
     /// The running counters.
     pub fn counters(&self) -> CountersSnapshot {
         self.counters.snapshot()

@@ -125,7 +125,7 @@ impl QueueWorker {
         let pin = dev.pins().pin(slot_of_queue, job.id, dir, &job.req.data);
         let conflicts = dev.pins().check(&pin, &job.req.data);
         job.pin = Some(pin);
-        let (action, no_stall) = decide(dev.policy(), is_write, &conflicts);
+        let (action, no_stall) = decide(&dev.policy(), is_write, &conflicts);
         if conflicts.is_empty() {
             return self.go(slot, action == Action::Bounce, false);
         }
