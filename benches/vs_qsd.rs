@@ -373,6 +373,37 @@ struct BackendSpec {
 enum Kind {
     Qsd,
     Pinblk(Vec<String>),
+    /// pinblk serving a loop device attached over the same image (issue 15:
+    /// a host block device beside the file).
+    PinblkLoop(Vec<String>),
+}
+
+/// A loop device over the bench image, detached on drop (also on panic).
+struct LoopDev(PathBuf);
+
+impl LoopDev {
+    /// Attaches `image`; `Err` says why not (not root, no losetup, ...).
+    fn attach(image: &Path) -> Result<LoopDev, String> {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(image)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(LoopDev(PathBuf::from(dev)))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
 }
 
 /// A running backend, killed (and its socket removed) on drop, also on panic.
@@ -387,6 +418,7 @@ impl Running {
         spec: &BackendSpec,
         opts: &Opts,
         image: &Path,
+        loop_dev: Option<&Path>,
         dir: &Path,
         idx: usize,
     ) -> Result<Running, String> {
@@ -411,6 +443,25 @@ impl Running {
                         socket.display(),
                         opts.num_queues
                     ));
+                c
+            }
+            Kind::PinblkLoop(extra) => {
+                let dev = loop_dev.ok_or("no loop device attached")?;
+                // A fresh store every start, as for the file (below).
+                let store = dir.join("loop.pinsum");
+                let _ = std::fs::remove_file(&store);
+                let mut c = Command::new(&opts.pinblk);
+                c.arg("serve")
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("--image")
+                    .arg(dev)
+                    .arg("--checksum-store")
+                    .arg(&store)
+                    .arg("--num-queues")
+                    .arg(opts.num_queues.to_string())
+                    .args(extra)
+                    .env("RUST_LOG", "warn");
                 c
             }
             Kind::Pinblk(extra) => {
@@ -555,6 +606,17 @@ fn backends(opts: &Opts, notes: &mut Vec<String>) -> Vec<BackendSpec> {
         v.push(BackendSpec {
             name: (*name).into(),
             kind: Kind::Pinblk(args.iter().map(|s| s.to_string()).collect()),
+        });
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !Path::new("/dev/loop-control").exists() {
+        notes
+            .push("skipped the loop-device row: loop devices need root and the loop driver".into());
+    } else if has("--checksum-store") {
+        v.push(BackendSpec {
+            name: "pinblk checksums on + bounce, loop device over the image, --direct".into(),
+            kind: Kind::PinblkLoop(vec!["--direct".into()]),
         });
     }
     v
@@ -841,6 +903,19 @@ fn run(opts: &Opts) -> Result<(), String> {
         .map_err(|e| format!("temp dir in {}: {e}", opts.dir.display()))?;
     let image = dir.path().join("disk.img");
     make_image(&image, opts.size)?;
+    let loop_dev = if specs.iter().any(|s| matches!(s.kind, Kind::PinblkLoop(_))) {
+        match LoopDev::attach(&image) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                println!("loop-device row skipped: {e}");
+                specs.retain(|s| !matches!(s.kind, Kind::PinblkLoop(_)));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let loop_path = loop_dev.as_ref().map(|l| l.0.as_path());
 
     let window = Duration::from_secs_f64(opts.duration);
     let warmup = Duration::from_secs_f64((opts.duration * 0.1).min(0.5));
@@ -864,7 +939,7 @@ fn run(opts: &Opts) -> Result<(), String> {
             } else {
                 println!("round {round}/{}: {}", opts.rounds, spec.name);
             }
-            let mut be = match Running::start(spec, opts, &image, dir.path(), bi) {
+            let mut be = match Running::start(spec, opts, &image, loop_path, dir.path(), bi) {
                 Ok(b) => b,
                 Err(e) => {
                     println!("  failed to start: {e}");
@@ -917,7 +992,7 @@ fn run(opts: &Opts) -> Result<(), String> {
                             // A stalled connection may leave the backend in a bad
                             // state: restart it for the next workload.
                             be.stop();
-                            match Running::start(spec, opts, &image, dir.path(), bi) {
+                            match Running::start(spec, opts, &image, loop_path, dir.path(), bi) {
                                 Ok(b) => be = b,
                                 Err(e) => {
                                     errors.push(format!("restart {}: {e}", spec.name));

@@ -15,10 +15,15 @@
 #   --results DIR   where logs go (default target/guest-results); kept on failure
 #   --verbose       stream the guest console
 #   --pinblk-arg A  extra argument for pinblk serve (repeatable)
+#   --loop-device N serve a loop device with N-byte sectors (512 or 4096)
+#                   over the 256M image instead of the file (root; the
+#                   checksum store beside the backing file; detached at exit),
+#                   and check the guest sees N as its logical block size
 #
 # Exit status 0 only if every fio pass in every guest reported no error, pinblk
 # reported no event (fio never changes a buffer under I/O), and
-# pinblk stopped cleanly.
+# pinblk stopped cleanly (and, with --loop-device, the guest's logical block
+# size is N and `pinblk scrub` of the device passes).
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -30,6 +35,7 @@ RESULTS=$ROOT/target/guest-results
 QUIET=--quiet
 PINBLK_ARGS=()
 EXTRA=()
+LOOP_SECTOR=
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--pinblk) PINBLK=$2; shift 2 ;;
@@ -38,6 +44,7 @@ while [[ $# -gt 0 ]]; do
 	--results) RESULTS=$2; shift 2 ;;
 	--verbose) QUIET=; shift ;;
 	--pinblk-arg) PINBLK_ARGS+=("$2"); shift 2 ;;
+	--loop-device) LOOP_SECTOR=$2; shift 2 ;;
 	--) shift; EXTRA=("$@"); break ;;
 	-h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
 	*) echo "fio-pinblk: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -54,6 +61,20 @@ say() { printf 'fio-pinblk: %s\n' "$*" >&2; }
 mkdir -p "$RESULTS"
 "$SCRIPT_DIR/build-guest.sh" "$ROOT/target/guest" >&2
 
+LOOPDEV=
+if [[ -n $LOOP_SECTOR ]]; then
+	[[ $LOOP_SECTOR == 512 || $LOOP_SECTOR == 4096 ]] || { echo "fio-pinblk: --loop-device takes 512 or 4096" >&2; exit 2; }
+	if [[ $(id -u) -ne 0 || ! -e /dev/loop-control ]] || ! command -v losetup >/dev/null; then
+		say "SKIPPED: loop devices unavailable here (need root, /dev/loop-control and losetup)"
+		exit 0
+	fi
+fi
+detach_loop() {
+	[[ -n $LOOPDEV ]] || return 0
+	losetup -d "$LOOPDEV" || true
+	LOOPDEV=
+}
+
 PID=
 stop_pinblk() {
 	[[ -n $PID ]] || return 0
@@ -63,7 +84,7 @@ stop_pinblk() {
 	PID=
 	return $st
 }
-trap 'kill -KILL $PID 2>/dev/null || true' EXIT
+trap 'kill -KILL $PID 2>/dev/null || true; [[ -z $PID ]] || wait $PID 2>/dev/null; detach_loop' EXIT
 
 failed=0
 summary=()
@@ -71,8 +92,17 @@ for nq in $QUEUES; do
 	dir=$RESULTS/fio-q$nq
 	rm -rf "$dir"; mkdir -p "$dir"
 	sock=$dir/pinblk.sock
-	say "=== pinblk with $nq queue(s): $PINBLK serve --image $dir/disk.img --size 256M --num-queues $nq ${PINBLK_ARGS[*]:-}"
-	RUST_LOG=${RUST_LOG:-info} "$PINBLK" serve --socket "$sock" --image "$dir/disk.img" --size 256M \
+	image=$dir/disk.img
+	image_args=(--size 256M)
+	if [[ -n $LOOP_SECTOR ]]; then
+		truncate -s 256M "$dir/disk.img"
+		LOOPDEV=$(losetup -f --show --sector-size "$LOOP_SECTOR" "$dir/disk.img")
+		image=$LOOPDEV
+		image_args=(--checksum-store "$dir/disk.pinsum")
+		say "loop device $LOOPDEV: $LOOP_SECTOR-byte sectors over $dir/disk.img"
+	fi
+	say "=== pinblk with $nq queue(s): $PINBLK serve --image $image ${image_args[*]} --num-queues $nq ${PINBLK_ARGS[*]:-}"
+	RUST_LOG=${RUST_LOG:-info} "$PINBLK" serve --socket "$sock" --image "$image" "${image_args[@]}" \
 		--num-queues "$nq" --report "$dir/report.jsonl" "${PINBLK_ARGS[@]}" 2>"$dir/pinblk.log" &
 	PID=$!
 	for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
@@ -95,12 +125,25 @@ for nq in $QUEUES; do
 	if [[ ${nevents:-0} -ne 0 ]]; then
 		say "unexpected report events from a fio workload:"; "$PINBLK" report "$dir/report.jsonl" >&2 || true
 	fi
-	if [[ $rc -ne 0 || $src -ne 0 || ${nevents:-0} -ne 0 ]]; then
+	geom=ok
+	if [[ -n $LOOP_SECTOR ]]; then
+		disk=$(tr -d '\r' <"$dir/console.log" | grep -a '^PINBLK-GUEST-DISK' | tail -1 || true)
+		if [[ " $disk " != *" lbs=$LOOP_SECTOR "* ]]; then
+			geom="guest logical block size is not $LOOP_SECTOR ($disk)"
+		elif ! "$PINBLK" scrub --image "$LOOPDEV" --checksum-store "$dir/disk.pinsum" >"$dir/scrub.log" 2>&1; then
+			geom="scrub of $LOOPDEV failed: $(tail -3 "$dir/scrub.log")"
+		else
+			say "guest: $disk; scrub of $LOOPDEV passed"
+		fi
+		detach_loop
+	fi
+	if [[ $rc -ne 0 || $src -ne 0 || ${nevents:-0} -ne 0 || $geom != ok ]]; then
 		failed=1
-		summary+=("queues=$nq FAIL (fio rc=$rc, pinblk exit $src, ${nevents:-0} report events, $((t1 - t0)) s) logs in $dir")
+		[[ $geom == ok ]] || say "$geom"
+		summary+=("queues=$nq FAIL (fio rc=$rc, pinblk exit $src, ${nevents:-0} report events, geometry: $geom, $((t1 - t0)) s) logs in $dir")
 		say "--- last lines of pinblk log ---"; tail -20 "$dir/pinblk.log" >&2
 	else
-		summary+=("queues=$nq PASS ($((t1 - t0)) s, 0 report events)")
+		summary+=("queues=$nq${LOOP_SECTOR:+ loop-device $LOOP_SECTOR-byte sectors} PASS ($((t1 - t0)) s, 0 report events)")
 		grep -E 'PINBLK-GUEST-RESULT|IOPS=|err=' "$dir/console.log" | sed 's/^/  guest: /' >&2 || true
 	fi
 done

@@ -124,7 +124,12 @@ if [ -b "$PINBLK_DEV" ]; then
 	d=${PINBLK_DEV#/dev/}
 	nq=$(find "/sys/block/$d/mq" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
 	sectors=$(cat "/sys/block/$d/size" 2>/dev/null)
-	echo "PINBLK-GUEST-DISK dev=$PINBLK_DEV sectors=$sectors mq_queues=$nq"
+	q=/sys/block/$d/queue
+	lbs=$(cat "$q/logical_block_size" 2>/dev/null)
+	pbs=$(cat "$q/physical_block_size" 2>/dev/null)
+	dmax=$(cat "$q/discard_max_bytes" 2>/dev/null)
+	wzmax=$(cat "$q/write_zeroes_max_bytes" 2>/dev/null)
+	echo "PINBLK-GUEST-DISK dev=$PINBLK_DEV sectors=$sectors mq_queues=$nq lbs=$lbs pbs=$pbs discard_max_bytes=$dmax write_zeroes_max_bytes=$wzmax"
 elif [ "$PINBLK_MODE" = fio ]; then
 	echo "PINBLK-GUEST-ERROR $PINBLK_DEV did not appear within ${PINBLK_WAIT_DEV}s"
 	ls -l /dev/vd* /sys/bus/virtio/devices 2>&1

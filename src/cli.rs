@@ -130,7 +130,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve a disk image as a vhost-user-blk device on a Unix socket.
     #[command(after_help = SERVE_EXAMPLE)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Summarize a report written by `serve --report`: totals by kind and
     /// action, the worst LBAs, a time line, and what each kind means.
     Report {
@@ -155,7 +155,7 @@ pub struct ServeArgs {
     #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
     pub socket: PathBuf,
 
-    /// Raw disk image to serve.
+    /// Raw disk image or host block device to serve (a block device needs --checksum-store).
     #[arg(long, visible_alias = "blk-file", value_name = "PATH")]
     pub image: PathBuf,
 
@@ -179,9 +179,10 @@ pub struct ServeArgs {
     #[arg(long, default_value = "pinblk")]
     pub serial: String,
 
-    /// Logical block size in bytes reported to the guest.
-    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
-    pub logical_block_size: u32,
+    /// Logical block size in bytes reported to the guest (512 or 4096;
+    /// default: a block device's own, 512 for a file).
+    #[arg(long, value_parser = parse_block_size)]
+    pub logical_block_size: Option<u32>,
 
     /// Open the image with O_DIRECT (like QEMU's cache.direct=on).
     #[arg(long)]
@@ -432,7 +433,7 @@ mod tests {
         ];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
-            Some(Command::Serve(a)) => a,
+            Some(Command::Serve(a)) => *a,
             other => panic!("not serve: {other:?}"),
         }
     }
@@ -492,7 +493,7 @@ mod tests {
                 create_size: Some(1 << 20),
                 read_only: true,
                 direct: true,
-                logical_block_size: 4096,
+                logical_block_size: Some(4096),
             },
             num_queues: 4,
             queue_size: 128,

@@ -31,6 +31,9 @@ enum Error {
     /// `pinblk scrub`: the image or its store cannot be read.
     #[error("{}", scrub_message(.0))]
     Scrub(#[from] IntegrityError),
+    /// `pinblk scrub` of a block device without `--checksum-store`.
+    #[error("{0} is a block device: there is no store beside it; pass --checksum-store PATH (the store `pinblk serve` used)")]
+    ScrubStoreRequired(std::path::PathBuf),
 }
 
 /// The message of [`Error::Scrub`]: the store's own message, which says what
@@ -48,7 +51,7 @@ impl Error {
     /// The exit status: 2 for a usage error (as for a bad flag), 1 otherwise.
     fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Args(_) => ExitCode::from(2),
+            Error::Args(_) | Error::ScrubStoreRequired(_) => ExitCode::from(2),
             _ => ExitCode::FAILURE,
         }
     }
@@ -83,6 +86,9 @@ fn report(path: &Path) -> Result<(), Error> {
 /// that fails the scrub (any on a clean store; outside every marked
 /// write-intent region on a store not closed cleanly).
 fn scrub(image: &Path, store: Option<&Path>) -> Result<bool, Error> {
+    if store.is_none() && pinblk::storage::blockdev::is_block_device(image) {
+        return Err(Error::ScrubStoreRequired(image.to_path_buf()));
+    }
     let store = store
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_store_path(image));
@@ -134,7 +140,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let result = match cli.command {
-        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Serve(args)) => serve(*args),
         Some(Command::Report { path }) => report(&path),
         Some(Command::Scrub {
             image,

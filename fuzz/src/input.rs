@@ -4,7 +4,8 @@
 //! ```text
 //! offset  size      field
 //! 0       1         queue size: 1 << (byte % 9), i.e. 1..=256 descriptors
-//! 1       1         bit 0: read-only device; bit 1: 4096-byte logical blocks (else 512)
+//! 1       1         bit 0: read-only device; bit 1: 4096-byte logical blocks (else 512);
+//!                   bits 2..=5: largest transfer, [`MAX_TRANSFERS`]`[(byte >> 2) & 15]`
 //! 2       8         capacity in 512-byte sectors, little endian, low 55 bits
 //! 10      2         head index the avail ring names (little endian, not checked)
 //! 12      1         n: descriptors written to the table (at most the queue size)
@@ -39,6 +40,29 @@ pub const HIGH: Region = (0x2_0000, 0x1_0000);
 pub const RING: Region = (0x10_0000, 0x2000);
 /// Bytes before the descriptors in an input.
 pub const HEADER_LEN: usize = 13;
+
+/// The values of [`Limits::max_transfer`] an input can choose: no limit
+/// below 4 GiB first (so that inputs without these bits keep their meaning),
+/// then values on either side of a sector, a 4 KiB block and the fuzz
+/// memory's sizes, then pinblk's default (`serve` offers 32 MiB).
+pub const MAX_TRANSFERS: [u32; 16] = [
+    u32::MAX,
+    0,
+    1,
+    511,
+    512,
+    513,
+    1024,
+    4095,
+    4096,
+    4097,
+    8192,
+    0xffff,
+    0x1_0000,
+    0x2_0000,
+    1 << 20,
+    32 << 20,
+];
 
 /// Whether `len` bytes at guest-physical `addr` lie inside one region of
 /// the fuzz guest memory (the regions are not adjacent, so a range that is
@@ -87,6 +111,7 @@ impl Input {
             capacity: le(2, 8) & ((1 << 55) - 1),
             logical_block_size: if flags & 2 != 0 { 4096 } else { 512 },
             read_only: flags & 1 != 0,
+            max_transfer: MAX_TRANSFERS[usize::from(flags >> 2) & 15],
         };
         let head = le(10, 2) as u16;
         let n = usize::from(byte(12)).min(usize::from(queue_size));
@@ -114,13 +139,20 @@ impl Input {
     }
 
     /// The inverse of [`Input::decode`] (for seeds). `queue_size` must be a
-    /// power of two up to 256 and `descs` no longer than it.
+    /// power of two up to 256, `descs` no longer than it, and
+    /// `limits.max_transfer` one of [`MAX_TRANSFERS`].
     pub fn encode(&self) -> Vec<u8> {
         assert!(self.queue_size.is_power_of_two() && self.queue_size <= 256);
         assert!(self.descs.len() <= usize::from(self.queue_size));
+        let transfer = MAX_TRANSFERS
+            .iter()
+            .position(|&m| m == self.limits.max_transfer)
+            .expect("max_transfer is one of MAX_TRANSFERS") as u8;
         let mut out = vec![self.queue_size.trailing_zeros() as u8];
         out.push(
-            u8::from(self.limits.read_only) | u8::from(self.limits.logical_block_size == 4096) << 1,
+            u8::from(self.limits.read_only)
+                | u8::from(self.limits.logical_block_size == 4096) << 1
+                | transfer << 2,
         );
         out.extend_from_slice(&self.limits.capacity.to_le_bytes());
         out.extend_from_slice(&self.head.to_le_bytes());

@@ -7,8 +7,9 @@
 //! ([`pinblk::virtio_blk::parse`]) on it, then checks the answer against an
 //! independent model of virtio 1.2 §2.7.4 (message framing) and §5.2.6
 //! (virtio-blk requests) written here ([`model`]): same verdict (accepted or
-//! refused), and for an accepted request the same command, sector ranges,
-//! data buffer and status byte. A disagreement or a panic is a finding.
+//! refused), the same status byte (or none) whatever the verdict, and for an
+//! accepted request the same command, sector ranges and data buffer. A
+//! disagreement or a panic is a finding.
 
 pub mod input;
 pub mod model;
@@ -16,7 +17,8 @@ pub mod seeds;
 
 pub use input::Input;
 
-use pinblk::virtio_blk::{parse, Command};
+use pinblk::virtio_blk::chain::ParseError;
+use pinblk::virtio_blk::{parse, Command, RequestError};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{Queue, QueueT};
 
@@ -50,8 +52,14 @@ pub fn parse_request(data: &[u8]) -> Outcome {
     let head = chain.head_index();
     let descs: Vec<model::Desc> = chain.clone().map(model::Desc::from).collect();
     let verdict = model::expect(&mem, &descs, &input.limits);
+    let want_status = model::status_byte(&descs);
     match (parse(chain, &input.limits), verdict) {
         (Ok(req), Verdict::Accept(want)) => {
+            assert_eq!(
+                Some(want.status),
+                want_status,
+                "the model's status byte of an accepted request is not its chain's"
+            );
             check_accepted(&req, &want, head, &input);
             Outcome::Accepted(req.command.name())
         }
@@ -75,6 +83,21 @@ pub fn parse_request(data: &[u8]) -> Outcome {
                 assert!(
                     model::may_be_unsupported(&mem, &descs),
                     "UNSUPP ({refused:?}) for a known request type without segment flags"
+                );
+            }
+            assert_eq!(
+                refused.status_addr.map(|a| a.0),
+                want_status,
+                "refusal ({refused:?}) puts the status byte elsewhere than the model\n\
+                 descriptors {descs:?}"
+            );
+            if model::unterminated(&descs) {
+                assert!(
+                    matches!(
+                        refused.error,
+                        RequestError::Chain(ParseError::Unterminated { .. })
+                    ),
+                    "a chain that breaks off refused as {refused:?}"
                 );
             }
             if let Some(addr) = refused.status_addr {
@@ -130,6 +153,10 @@ fn check_accepted(req: &pinblk::virtio_blk::Request, want: &Expected, head: u16,
     match &req.command {
         Command::Read { sector } | Command::Write { sector } => {
             let lbs = u64::from(limits.logical_block_size);
+            assert!(
+                total <= u64::from(limits.max_transfer),
+                "transfer larger than the largest transfer"
+            );
             assert_eq!(total % lbs, 0, "length not a multiple of the logical block");
             assert_eq!(sector.0 % (lbs / 512), 0, "sector not on a logical block");
             assert!(in_capacity(sector.0, total / 512), "transfer past capacity");

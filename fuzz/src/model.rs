@@ -1,14 +1,18 @@
 //! An independent model of what pinblk must make of a descriptor chain,
 //! written from the specification rather than from the parser:
 //!
+//! - virtio 1.2 §2.7.5: a chain ends at a descriptor without
+//!   VIRTQ_DESC_F_NEXT; §2.7.5.2: a chain is shorter than 2^32 bytes.
 //! - virtio 1.2 §2.7.4: device-readable descriptors come before
 //!   device-writable ones; a request is framed by the concatenation of its
 //!   buffers, not by descriptor boundaries.
 //! - virtio 1.2 §5.2.6: a 16-byte `virtio_blk_outhdr` (type, ioprio,
 //!   sector) first, the data, and the 1-byte status as the last
-//!   device-writable byte; READ and GET_ID data is device-writable, WRITE,
-//!   DISCARD and WRITE_ZEROES data device-readable, FLUSH has none.
-//! - §5.2.6.1 and pinblk's device (README "Device"): READ/WRITE lengths and
+//!   device-writable byte of the whole chain; READ and GET_ID data is
+//!   device-writable, WRITE, DISCARD and WRITE_ZEROES data device-readable,
+//!   FLUSH has none.
+//! - §5.2.6.1 and pinblk's device (README "Device"): READ/WRITE lengths at
+//!   most the largest transfer (`size_max` × `seg_max` offered), lengths and
 //!   offsets in logical blocks and inside the capacity; DISCARD and
 //!   WRITE_ZEROES take 1..=`MAX_DISCARD_SEG` 16-byte segments of at most
 //!   `MAX_DISCARD_SECTORS` sectors each, inside the capacity, with no flag
@@ -17,8 +21,16 @@
 //!
 //! Where the specification leaves pinblk a choice, the model follows
 //! pinblk's documented one: zero-length descriptors are ignored, a chain of
-//! more than `MAX_SEGMENTS` descriptors (the iovec limit) is refused, and
+//! more than `MAX_SEGMENTS` non-empty descriptors (the iovec limit) is
+//! refused, and
 //! unknown request types are refused whatever their buffers.
+//!
+//! The status byte ([`status_byte`]) is known, refused or not, unless the
+//! chain breaks off (the walk stops on a descriptor that still has
+//! VIRTQ_DESC_F_NEXT: a loop, a next index outside the table, 2^32 bytes),
+//! has no device-writable byte, has a device-readable descriptor after a
+//! device-writable one, or its last device-writable byte is outside guest
+//! memory: then the chain is refused with no status written.
 
 use std::fmt;
 
@@ -49,12 +61,15 @@ pub struct Desc {
     pub len: u32,
     /// VIRTQ_DESC_F_WRITE: device-writable.
     pub write: bool,
+    /// VIRTQ_DESC_F_NEXT: the chain goes on after this descriptor.
+    pub next: bool,
 }
 
 impl fmt::Debug for Desc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let dir = if self.write { "w" } else { "r" };
-        write!(f, "{dir}({:#x}+{:#x})", self.addr, self.len)
+        let next = if self.next { "->" } else { "" };
+        write!(f, "{dir}({:#x}+{:#x}){next}", self.addr, self.len)
     }
 }
 
@@ -64,6 +79,7 @@ impl From<Descriptor> for Desc {
             addr: d.addr().0,
             len: d.len(),
             write: d.is_write_only(),
+            next: d.has_next(),
         }
     }
 }
@@ -153,7 +169,7 @@ struct Framed {
 }
 
 fn frame(descs: &[Desc]) -> Result<Framed, &'static str> {
-    if descs.len() > MAX_SEGMENTS {
+    if descs.iter().filter(|d| d.len > 0).count() > MAX_SEGMENTS {
         return Err("more descriptors than MAX_SEGMENTS");
     }
     let mut f = Framed {
@@ -207,6 +223,33 @@ pub fn may_be_unsupported(mem: &GuestMem, descs: &[Desc]) -> bool {
     .contains(&kind)
 }
 
+/// Whether the walk of the chain stopped on a descriptor that still has
+/// VIRTQ_DESC_F_NEXT (virtio-queue stops at a loop, a next index outside the
+/// table, a bad indirect table, or 2^32 bytes): its end is unknown.
+pub fn unterminated(descs: &[Desc]) -> bool {
+    descs.last().is_some_and(|d| d.next)
+}
+
+/// The guest-physical address of the chain's status byte, refused or not:
+/// the last byte of its device-writable part (all its descriptors, however
+/// many), or `None` (see the module documentation).
+pub fn status_byte(descs: &[Desc]) -> Option<u64> {
+    if unterminated(descs) {
+        return None;
+    }
+    let mut last_writable = None;
+    for d in descs.iter().filter(|d| d.len > 0) {
+        if d.write {
+            last_writable = Some(d);
+        } else if last_writable.is_some() {
+            return None;
+        }
+    }
+    let d = last_writable?;
+    let byte = u64::try_from(u128::from(d.addr) + u128::from(d.len) - 1).ok()?;
+    in_guest_memory(byte, 1).then_some(byte)
+}
+
 /// What pinblk must make of the chain `descs` over `mem` on a device with
 /// `limits`.
 pub fn expect(mem: &GuestMem, descs: &[Desc], limits: &Limits) -> Verdict {
@@ -217,6 +260,9 @@ pub fn expect(mem: &GuestMem, descs: &[Desc], limits: &Limits) -> Verdict {
 }
 
 fn expect_inner(mem: &GuestMem, descs: &[Desc], limits: &Limits) -> Result<Expected, &'static str> {
+    if unterminated(descs) {
+        return Err("chain breaks off on a descriptor with NEXT set");
+    }
     let f = frame(descs)?;
     let Some(last) = f.writable.last() else {
         return Err("no device-writable byte for the status");
@@ -256,6 +302,9 @@ fn expect_inner(mem: &GuestMem, descs: &[Desc], limits: &Limits) -> Result<Expec
     };
     let command = match kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+            if len > u64::from(limits.max_transfer) {
+                return Err("transfer larger than the largest transfer");
+            }
             let lbs = u64::from(limits.logical_block_size);
             if !len.is_multiple_of(lbs) {
                 return Err("length not in logical blocks");

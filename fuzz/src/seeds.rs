@@ -2,6 +2,7 @@
 //! of `parse_request` (checked in under `corpus/parse_request/`, kept equal
 //! to this list by `tests/corpus.rs`).
 
+use pinblk::virtio_blk::chain::MAX_SEGMENTS;
 use pinblk::virtio_blk::Limits;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -25,6 +26,9 @@ const SEGS: usize = 0x200;
 const TABLE: usize = 0x400;
 /// Guest-physical address of data buffers (zeroed memory, past the image).
 const DATA: u64 = 0x4000;
+/// Guest-physical address of data buffers past an indirect table of more
+/// than [`MAX_SEGMENTS`] entries at [`TABLE`] (which runs into [`DATA`]).
+const MANY_DATA: u64 = 0x8000;
 /// Guest-physical address of the status byte.
 const STATUS: u64 = 0xf000;
 
@@ -78,7 +82,23 @@ fn segment(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
     s
 }
 
-/// A 1 MiB (2048-sector) device with 512-byte blocks, queue size 16, head 0.
+/// `descs` as an indirect table at image offset `at`, and the one direct
+/// descriptor that points at it.
+fn indirect_table(image: &mut Vec<u8>, at: usize, descs: &[D]) -> Vec<(u64, u32, u16, u16)> {
+    let table = linked(descs);
+    for (i, &(addr, len, flags, next)) in table.iter().enumerate() {
+        let mut d = addr.to_le_bytes().to_vec();
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        d.extend_from_slice(&next.to_le_bytes());
+        put(image, at + 16 * i, &d);
+    }
+    let len = u32::try_from(16 * table.len()).expect("table under 4 GiB");
+    vec![(image_addr(at), len, VRING_DESC_F_INDIRECT as u16, 0)]
+}
+
+/// A 1 MiB (2048-sector) device with 512-byte blocks and pinblk's default
+/// largest transfer (32 MiB), queue size 16, head 0.
 fn request(kind: u32, sector: u64, descs: &[D]) -> Input {
     let mut image = Vec::new();
     put(&mut image, HDR, &outhdr(kind, sector));
@@ -88,6 +108,7 @@ fn request(kind: u32, sector: u64, descs: &[D]) -> Input {
             capacity: 2048,
             logical_block_size: 512,
             read_only: false,
+            max_transfer: 32 << 20,
         },
         head: 0,
         descs: linked(descs),
@@ -179,22 +200,16 @@ pub fn seeds() -> Vec<(&'static str, Input, Outcome)> {
 
     // READ through an indirect table (virtio 1.2 §2.7.5.3).
     let mut indirect = request(VIRTIO_BLK_T_IN, 64, &[]);
-    for (i, &(addr, len, flags, next)) in linked(&[
-        r(hdr, 16),
-        w(DATA, 2048),
-        w(DATA + 0x1000, 2048),
-        w(STATUS, 1),
-    ])
-    .iter()
-    .enumerate()
-    {
-        let mut d = addr.to_le_bytes().to_vec();
-        d.extend_from_slice(&len.to_le_bytes());
-        d.extend_from_slice(&flags.to_le_bytes());
-        d.extend_from_slice(&next.to_le_bytes());
-        put(&mut indirect.image, TABLE + 16 * i, &d);
-    }
-    indirect.descs = vec![(image_addr(TABLE), 64, VRING_DESC_F_INDIRECT as u16, 0)];
+    indirect.descs = indirect_table(
+        &mut indirect.image,
+        TABLE,
+        &[
+            r(hdr, 16),
+            w(DATA, 2048),
+            w(DATA + 0x1000, 2048),
+            w(STATUS, 1),
+        ],
+    );
     out.push(("read-indirect", indirect, Outcome::Accepted("READ")));
 
     // Refused on purpose: the status byte is still reported.
@@ -215,6 +230,40 @@ pub fn seeds() -> Vec<(&'static str, Input, Outcome)> {
 
     let unknown = request(0x1234, 0, &[r(hdr, 16), w(STATUS, 1)]);
     out.push(("unknown-type", unknown, Outcome::Refused(Some(UNSUPP))));
+
+    // A READ over the largest transfer: IOERR, the status still reported.
+    let mut big = request(
+        VIRTIO_BLK_T_IN,
+        0,
+        &[r(hdr, 16), w(DATA, 8192), w(STATUS, 1)],
+    );
+    big.limits.max_transfer = 4096;
+    out.push(("read-over-max-transfer", big, Outcome::Refused(Some(IOERR))));
+
+    // A chain that loops (the status descriptor's NEXT goes back to the data
+    // descriptor): it never ends, so it has no status byte; none is written
+    // (not even into the last byte the walk saw).
+    let mut looped = request(
+        VIRTIO_BLK_T_IN,
+        0,
+        &[r(hdr, 16), w(DATA, 512), w(STATUS, 1)],
+    );
+    looped.descs[2].2 |= VRING_DESC_F_NEXT as u16;
+    looped.descs[2].3 = 1;
+    out.push(("read-loop-unterminated", looped, Outcome::Refused(None)));
+
+    // More descriptors than MAX_SEGMENTS (through an indirect table): refused,
+    // with the status byte where the whole chain ends, past the limit.
+    let mut many = request(VIRTIO_BLK_T_IN, 0, &[]);
+    let mut descs = vec![r(hdr, 16)];
+    descs.extend((0..MAX_SEGMENTS).map(|_| w(MANY_DATA, 512)));
+    descs.push(w(STATUS, 1));
+    many.descs = indirect_table(&mut many.image, TABLE, &descs);
+    out.push((
+        "read-too-many-descriptors",
+        many,
+        Outcome::Refused(Some(IOERR)),
+    ));
 
     out
 }

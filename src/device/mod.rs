@@ -15,13 +15,18 @@ use serde::Serialize;
 
 use crate::integrity::ranges::RangeLocks;
 use crate::integrity::{
-    default_store_path, ChecksumStore, IntegrityError, OnMismatch, StoreOptions, STORE_VERSION,
+    default_store_path, ChecksumStore, OnMismatch, StoreOptions, STORE_VERSION,
 };
 use crate::pin::policy::PolicyConfig;
 use crate::pin::PinTracker;
-use crate::report::{ChecksumFailureEvent, Event, RecoveredEvent, ReportError, ReportWriter};
-use crate::storage::{Image, ImageOptions, StorageError};
+use crate::report::{ChecksumFailureEvent, Event, RecoveredEvent, ReportWriter};
+use crate::storage::{Image, ImageOptions};
 use crate::virtio_blk::config::DeviceConfig;
+
+mod error;
+mod topology;
+
+pub use error::DeviceError;
 
 /// Most request virtqueues a device has.
 pub const MAX_QUEUES: u16 = 64;
@@ -37,11 +42,13 @@ pub const QUEUE_SIZE_RANGE: std::ops::RangeInclusive<u16> = 2..=1024;
 /// `pinblk serve`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceOptions {
-    /// The raw disk image to serve.
+    /// The raw disk image file or host block device to serve.
     pub image: PathBuf,
     /// How to open the image: create size (bytes), read-only, O_DIRECT, and
-    /// the logical block size (bytes, 512 or 4096). `read_only` and
-    /// `logical_block_size` are also what the driver is offered.
+    /// the logical block size (bytes, 512 or 4096; `None`: a block device's
+    /// own, else 512). The driver is offered what the image ends up with
+    /// ([`Image::read_only`]: also a read-only device;
+    /// [`Image::logical_block_size`]).
     pub image_options: ImageOptions,
     /// Number of request virtqueues, 1 to [`MAX_QUEUES`].
     pub num_queues: u16,
@@ -78,7 +85,8 @@ pub struct DeviceOptions {
 
 impl DeviceOptions {
     /// Options for serving `image` with the defaults of `pinblk serve`: one
-    /// queue of up to 256 entries, 512-byte logical blocks, writable, serial
+    /// queue of up to 256 entries, 512-byte logical blocks (a block
+    /// device's own), writable, serial
     /// `pinblk`, pin tracking on with pins long-term after 1 s, the default
     /// [`PolicyConfig`] (bounce), CRC32C checksums in `IMAGE.pinsum`, mismatches
     /// reported, no report file.
@@ -89,7 +97,7 @@ impl DeviceOptions {
                 create_size: None,
                 read_only: false,
                 direct: false,
-                logical_block_size: 512,
+                logical_block_size: None,
             },
             num_queues: 1,
             queue_size: 256,
@@ -125,9 +133,10 @@ impl DeviceOptions {
         if !QUEUE_SIZE_RANGE.contains(&self.queue_size) || !self.queue_size.is_power_of_two() {
             return Err(DeviceError::QueueSize(self.queue_size));
         }
-        let lbs = self.image_options.logical_block_size;
-        if lbs != 512 && lbs != 4096 {
-            return Err(DeviceError::LogicalBlockSize(lbs));
+        if let Some(lbs) = self.image_options.logical_block_size {
+            if lbs != 512 && lbs != 4096 {
+                return Err(DeviceError::LogicalBlockSize(lbs));
+            }
         }
         if self.max_transfer < self.min_max_transfer() {
             return Err(DeviceError::MaxTransfer {
@@ -141,61 +150,6 @@ impl DeviceOptions {
 
 /// Default largest READ or WRITE data buffer (`--max-transfer`): 32 MiB, in bytes.
 pub const DEFAULT_MAX_TRANSFER: u32 = 32 << 20;
-
-/// Why a device cannot be opened or closed. Every message says what went
-/// wrong and what to do about it.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// The number of request queues is out of range.
-    #[error("{0} request queues asked for; a device has 1 to {MAX_QUEUES} (--num-queues)")]
-    NumQueues(u16),
-    /// The queue size is not a power of two in range.
-    #[error("queue size {0} asked for; use a power of two between 2 and 1024 (--queue-size)")]
-    QueueSize(u16),
-    /// The logical block size is neither 512 nor 4096.
-    #[error("logical block size {0} asked for; use 512 or 4096 (--logical-block-size)")]
-    LogicalBlockSize(u32),
-    /// The largest transfer is below `seg_max` segments of 4 KiB.
-    #[error("largest transfer of {asked} bytes asked for; with this queue size it must be at least {min} bytes (--max-transfer, or a smaller --queue-size)")]
-    MaxTransfer {
-        /// Bytes asked for.
-        asked: u32,
-        /// The least allowed, bytes.
-        min: u32,
-    },
-    /// The image cannot be created, opened or locked (the message says what to do).
-    #[error(transparent)]
-    Image(#[from] StorageError),
-    /// The report file cannot be opened for appending.
-    #[error("{0}; pass --report a file in a writable directory, or leave --report out")]
-    Report(#[from] ReportError),
-    /// The checksum store cannot be created, opened or recovered.
-    #[error("{}", store_message(.0))]
-    Store(#[from] IntegrityError),
-    /// At close, the image cannot be made durable before the store is closed.
-    #[error("cannot fdatasync image {path} before closing the checksum store: {source}; the store stays marked in use and the next start recovers it")]
-    ImageSync {
-        /// The image.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// At close, the checksum store cannot be written and marked clean.
-    #[error("cannot close the checksum store cleanly: {0}; the next start recovers it")]
-    StoreClose(#[source] IntegrityError),
-}
-
-/// The message of [`DeviceError::Store`]: the store's own message, which
-/// says what to do, except for a plain I/O error, which gets a remedy here.
-fn store_message(e: &IntegrityError) -> String {
-    match e {
-        IntegrityError::Io { .. } => format!(
-            "{e}; check the checksum store's path and permissions (--checksum-store), or pass --checksum off"
-        ),
-        _ => e.to_string(),
-    }
-}
 
 /// Counters of one virtqueue. Each queue has its own, so queues never share a
 /// cache line on the hot path; [`Device::counters`] sums them.
@@ -321,12 +275,13 @@ impl Device {
         let image = Image::open(&opts.image, io)?;
         let config = DeviceConfig {
             capacity_sectors: image.capacity_sectors(),
-            logical_block_size: io.logical_block_size,
+            logical_block_size: image.logical_block_size(),
             num_queues: opts.num_queues,
             queue_size: opts.queue_size,
-            read_only: io.read_only,
+            read_only: image.read_only(),
             serial: opts.serial.clone(),
             max_transfer: opts.max_transfer,
+            topology: topology::of(&image),
         };
 
         log::info!(
@@ -334,7 +289,7 @@ impl Device {
             image.path().display(),
             image.size(),
             image.capacity_sectors(),
-            if io.read_only { ", read-only" } else { "" },
+            if image.read_only() { ", read-only" } else { "" },
             opts.num_queues,
             opts.queue_size
         );
@@ -536,11 +491,16 @@ fn open_store(
     image: &Image,
     report: &ReportWriter,
 ) -> Result<Option<ChecksumStore>, DeviceError> {
-    let read_only = opts.image_options.read_only;
+    let read_only = image.read_only();
+    let identity = image.block_device().map(|b| b.identity.clone());
+    if identity.is_some() && opts.checksum_store.is_none() {
+        return Err(DeviceError::StoreRequired(opts.image.clone()));
+    }
     let store_opts = StoreOptions {
         store_path: opts.checksum_store.clone(),
         image_size: Some(image.size()),
         read_only,
+        identity,
     };
     let path = store_opts
         .store_path

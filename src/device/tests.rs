@@ -3,6 +3,7 @@
 use std::os::unix::fs::FileExt;
 
 use super::*;
+use crate::storage::StorageError;
 
 /// Options for `dir/disk.img`, created with 1 MiB if missing.
 fn opts(dir: &std::path::Path) -> DeviceOptions {
@@ -72,12 +73,12 @@ fn typed_errors() {
     o.queue_size = 100;
     assert!(matches!(Device::open(&o), Err(DeviceError::QueueSize(100))));
     o.queue_size = 256;
-    o.image_options.logical_block_size = 1024;
+    o.image_options.logical_block_size = Some(1024);
     assert!(matches!(
         Device::open(&o),
         Err(DeviceError::LogicalBlockSize(1024))
     ));
-    o.image_options.logical_block_size = 512;
+    o.image_options.logical_block_size = Some(512);
 
     let first = Device::open(&o).unwrap();
     let e = Device::open(&o).err().unwrap();

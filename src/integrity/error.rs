@@ -123,6 +123,17 @@ pub enum IntegrityError {
         /// Image size now, bytes.
         image_size: u64,
     },
+    /// The store was made for another block device, or for an image file
+    /// while a block device is served, or the other way round.
+    #[error("checksum store {path} was made for {recorded}, but the image served is {found}; pass --checksum-store the store made for this image, or remove {path} to checksum this image afresh, or pass --checksum off")]
+    IdentityMismatch {
+        /// Store path.
+        path: PathBuf,
+        /// What the store records (`block device "ID"` or `an image file`).
+        recorded: String,
+        /// What is being served, in the same words.
+        found: String,
+    },
     /// The store file is not as long as its header says (version 2:
     /// `table_offset + 4 * block_count` bytes; version 1: `4096 + 4 * block_count`).
     #[error("checksum store {path} is {actual} bytes, expected {expected} for its header (truncated or extended); {REMEDY}")]

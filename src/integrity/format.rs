@@ -31,6 +31,59 @@ const BITMAP_ALIGN: u64 = 4096;
 
 pub(super) const STATE_CLEAN: u32 = 0;
 pub(super) const STATE_IN_USE: u32 = 1;
+/// Most bytes of a device identity a header records (bytes 100..300).
+pub const IDENTITY_MAX: usize = 200;
+/// Offset of the identity's length (u32) in the header; its bytes follow.
+const IDENTITY_OFFSET: usize = 96;
+
+/// What the store was made for: a block device's identity (its WWID,
+/// serial, dm UUID or loop backing file, as the storage layer names it),
+/// or nothing for an image file (identity length 0, which is also what
+/// every store written before identities existed holds in its reserved bytes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) struct Identity {
+    len: u8,
+    bytes: [u8; IDENTITY_MAX],
+}
+
+impl Identity {
+    /// The identity of an image file: none.
+    pub(super) const FILE: Identity = Identity {
+        len: 0,
+        bytes: [0; IDENTITY_MAX],
+    };
+
+    /// The identity `id` of a block device (cut to [`IDENTITY_MAX`] bytes),
+    /// or [`Identity::FILE`] for `None`.
+    pub(super) fn new(id: Option<&str>) -> Identity {
+        let mut i = Identity::FILE;
+        if let Some(id) = id {
+            let b = &id.as_bytes()[..id.len().min(IDENTITY_MAX)];
+            i.bytes[..b.len()].copy_from_slice(b);
+            i.len = b.len() as u8;
+        }
+        i
+    }
+
+    /// How an error message names it: `block device "ID"` or `an image file`.
+    pub(super) fn describe(&self) -> String {
+        if self.len == 0 {
+            "an image file".into()
+        } else {
+            format!(
+                "block device {:?}",
+                String::from_utf8_lossy(&self.bytes[..usize::from(self.len)])
+            )
+        }
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
 /// Bytes read from the image per scan step (256 blocks).
 const SCAN_CHUNK: u64 = 1 << 20;
 
@@ -96,10 +149,13 @@ pub(super) struct Header {
     pub(super) generation: u64,
     pub(super) table_crc: u32,
     pub(super) layout: StoreLayout,
+    /// What the store was made for (bytes 96..300, in the version 2
+    /// header's once-reserved space; zero for an image file).
+    pub(super) identity: Identity,
 }
 
 impl Header {
-    pub(super) fn new(image_size: u64) -> Header {
+    pub(super) fn new(image_size: u64, identity: Identity) -> Header {
         Header {
             version: STORE_VERSION,
             block_size: BLOCK_SIZE as u32,
@@ -108,7 +164,25 @@ impl Header {
             generation: 0,
             table_crc: 0,
             layout: StoreLayout::new(image_size, REGION_SIZE),
+            identity,
         }
+    }
+
+    /// Refuses a store made for something else than `want` (the identity
+    /// of the device being served, [`Identity::FILE`] for an image file).
+    pub(super) fn check_identity(
+        &self,
+        want: &Identity,
+        path: &Path,
+    ) -> Result<(), IntegrityError> {
+        if self.identity == *want {
+            return Ok(());
+        }
+        Err(IntegrityError::IdentityMismatch {
+            path: path.to_path_buf(),
+            recorded: self.identity.describe(),
+            found: want.describe(),
+        })
     }
 
     /// The 4096 bytes of a version 2 header, with its CRC.
@@ -129,6 +203,9 @@ impl Header {
         b[72..80].copy_from_slice(&l.bitmap_offset.to_le_bytes());
         b[80..88].copy_from_slice(&l.bitmap_len.to_le_bytes());
         b[88..96].copy_from_slice(&l.table_offset.to_le_bytes());
+        let id = &self.identity;
+        b[IDENTITY_OFFSET..IDENTITY_OFFSET + 4].copy_from_slice(&u32::from(id.len).to_le_bytes());
+        b[IDENTITY_OFFSET + 4..IDENTITY_OFFSET + 4 + IDENTITY_MAX].copy_from_slice(&id.bytes);
         let crc = crc32c(&b);
         b[48..52].copy_from_slice(&crc.to_le_bytes());
         b
@@ -236,6 +313,23 @@ impl Header {
             }
             want
         };
+        let mut identity = Identity::FILE;
+        if version != 1 {
+            let len = u32_at(IDENTITY_OFFSET) as usize;
+            if len > IDENTITY_MAX {
+                return Err(IntegrityError::LayoutMismatch {
+                    path: path(),
+                    field: "identity_len",
+                    found: len as u64,
+                    expected: format!("at most {IDENTITY_MAX}"),
+                    image_size,
+                });
+            }
+            identity.len = len as u8;
+            identity
+                .bytes
+                .copy_from_slice(&b[IDENTITY_OFFSET + 4..IDENTITY_OFFSET + 4 + IDENTITY_MAX]);
+        }
         Ok(Header {
             version,
             block_size,
@@ -244,6 +338,7 @@ impl Header {
             generation: u64_at(40),
             table_crc: u32_at(52),
             layout,
+            identity,
         })
     }
 }
@@ -321,6 +416,7 @@ pub(super) fn create_store(
     image: &File,
     image_path: &Path,
     image_size: u64,
+    identity: Identity,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), IntegrityError> {
     log::info!(
@@ -334,7 +430,7 @@ pub(super) fn create_store(
     scan_image(image, image_path, image_size, progress, |_, crc| {
         table.extend_from_slice(&crc.to_le_bytes())
     })?;
-    let mut header = Header::new(image_size);
+    let mut header = Header::new(image_size, identity);
     header.table_crc = crc32c(&table);
     write_store(path, &header, &[], &table).map(drop)
 }
@@ -372,7 +468,7 @@ pub(super) fn migrate_v1(
             });
         }
     }
-    let mut new = Header::new(l.image_size);
+    let mut new = Header::new(l.image_size, Identity::FILE);
     new.state = h.state;
     new.generation = h.generation;
     new.table_crc = h.table_crc;

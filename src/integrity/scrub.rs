@@ -123,6 +123,7 @@ pub fn scrub(
         store_path: Some(store_path.to_path_buf()),
         image_size: None,
         read_only: true,
+        identity: None,
     };
     let (store, outcome) = ChecksumStore::open_with_progress(image_path, &opts, &mut |_, _| {})?;
     let image = File::open(image_path).map_err(|source| IntegrityError::Io {

@@ -22,7 +22,10 @@
 //!     72     8  bitmap_offset  4096
 //!     80     8  bitmap_len     ceil(R / 8) rounded up to a multiple of 4096 (≥ 4096)
 //!     88     8  table_offset   bitmap_offset + bitmap_len
-//!     96  4000  reserved       zero
+//!     96     4  identity_len   bytes of identity; 0 = made for an image file
+//!    100   200  identity       a block device's identity (WWID, serial, dm
+//!                              UUID, loop backing file), zero-padded
+//!    300  3796  reserved       zero
 //!   4096     …  bitmap         bit r (bit r % 8 of byte r / 8) set: region r
 //!                              (bytes r * region_size ..) may have a write in
 //!                              flight or not yet flushed
@@ -113,7 +116,7 @@ use std::sync::Mutex;
 
 use super::error::IntegrityError;
 use super::format::{
-    create_store, migrate_v1, open_locked, Header, StoreLayout, STATE_CLEAN, STATE_IN_USE,
+    create_store, migrate_v1, open_locked, Header, Identity, StoreLayout, STATE_CLEAN, STATE_IN_USE,
 };
 use super::mapping::Mapping;
 use super::{crc32c, crc32c_append, crc_of_zeros, BLOCK_SIZE, SECTORS_PER_BLOCK, SECTOR_SIZE};
@@ -147,6 +150,12 @@ pub struct StoreOptions {
     /// no recovery, the `state` flag and the bitmap are left as found). Used
     /// by scrub.
     pub read_only: bool,
+    /// The identity of the block device served (docs/DESIGN.md §7), `None`
+    /// for an image file. A new store records it; an existing one must
+    /// record the same (an image file's store records none), else
+    /// [`IntegrityError::IdentityMismatch`]. Not checked on a read-only
+    /// open without one (scrub reads any store against the image it is given).
+    pub identity: Option<String>,
 }
 
 /// What [`ChecksumStore::open`] found and did.
@@ -392,6 +401,7 @@ impl ChecksumStore {
     /// [`IntegrityError::HeaderCorrupt`], [`IntegrityError::BlockSizeMismatch`],
     /// [`IntegrityError::AlgorithmMismatch`], [`IntegrityError::BlockCountMismatch`],
     /// [`IntegrityError::LayoutMismatch`], [`IntegrityError::ImageSizeMismatch`],
+    /// [`IntegrityError::IdentityMismatch`],
     /// [`IntegrityError::LengthMismatch`], [`IntegrityError::TableCorrupt`],
     /// [`IntegrityError::Io`].
     pub fn open_with_progress(
@@ -407,10 +417,11 @@ impl ChecksumStore {
         let image_size = match opts.image_size {
             Some(s) => s,
             None => {
-                let len = image
-                    .metadata()
-                    .map_err(IntegrityError::io("stat image", image_path))?
-                    .len();
+                // The end offset, not the inode's length: a block device's is 0.
+                use std::io::Seek;
+                let len = (&image)
+                    .seek(std::io::SeekFrom::End(0))
+                    .map_err(IntegrityError::io("stat image", image_path))?;
                 len / SECTOR_SIZE * SECTOR_SIZE
             }
         };
@@ -420,12 +431,16 @@ impl ChecksumStore {
             if opts.read_only {
                 return Err(IntegrityError::StoreMissing(path));
             }
-            create_store(&path, &image, image_path, image_size, progress)?;
+            let identity = Identity::new(opts.identity.as_deref());
+            create_store(&path, &image, image_path, image_size, identity, progress)?;
             outcome.created = true;
         }
 
         let mut file = open_locked(&path, opts.read_only)?;
         let (mut header, mut actual) = read_header(&file, &path)?;
+        if !opts.read_only || opts.identity.is_some() {
+            header.check_identity(&Identity::new(opts.identity.as_deref()), &path)?;
+        }
         if header.layout.image_size != image_size {
             return Err(IntegrityError::ImageSizeMismatch {
                 path,

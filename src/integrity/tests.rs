@@ -514,6 +514,7 @@ fn second_open_is_refused_while_in_use() {
     store.close().unwrap();
     let ro = StoreOptions {
         read_only: true,
+        identity: None,
         ..StoreOptions::default()
     };
     let (ro_store, _) = ChecksumStore::open(&img.path, &ro).unwrap();
@@ -819,6 +820,7 @@ fn flush_end_clears_only_quiet_regions_older_than_the_ticket() {
     store.close().unwrap();
     let ro = StoreOptions {
         read_only: true,
+        identity: None,
         ..StoreOptions::default()
     };
     let (ro_store, _) = ChecksumStore::open(&img.path, &ro).unwrap();
@@ -1249,4 +1251,53 @@ fn bench_checksum_cost() {
          4 regions begin+end+flush_begin+flush_end: {clear_ns:.0} ns; \
          record+flush (mmap store + fdatasync of the store): {flush_us:.1} us"
     );
+}
+
+/// A store records the identity of the block device it was made for and
+/// refuses any other image: another device, or an image file; an image
+/// file's store (identity length 0, as every older store) stays readable
+/// for files; scrub (read-only, no identity given) reads any store.
+#[test]
+fn store_records_and_checks_the_device_identity() {
+    let img = Img::new(1 << 20, 3);
+    let dev = |id: &str| StoreOptions {
+        identity: Some(id.into()),
+        ..StoreOptions::default()
+    };
+    let (store, out) = ChecksumStore::open(&img.path, &dev("wwid:naa.1")).unwrap();
+    assert!(out.created);
+    store.close().unwrap();
+    let bytes = std::fs::read(img.store_path()).unwrap();
+    assert_eq!(&bytes[96..100], &10u32.to_le_bytes());
+    assert_eq!(&bytes[100..110], b"wwid:naa.1");
+    let e = img.open_err(&dev("wwid:naa.2"));
+    assert!(matches!(e, IntegrityError::IdentityMismatch { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("block device \"wwid:naa.1\"")
+            && msg.contains("block device \"wwid:naa.2\"")
+            && msg.contains("remove"),
+        "{msg}"
+    );
+    let e = img.open_err(&StoreOptions::default());
+    assert!(
+        e.to_string()
+            .contains("but the image served is an image file"),
+        "{e}"
+    );
+    let (store, _) = ChecksumStore::open(&img.path, &dev("wwid:naa.1")).unwrap();
+    store.close().unwrap();
+    let ro = StoreOptions {
+        read_only: true,
+        ..StoreOptions::default()
+    };
+    let (store, _) = ChecksumStore::open(&img.path, &ro).unwrap();
+    drop(store);
+
+    // An image file's store is refused for a device.
+    std::fs::remove_file(img.store_path()).unwrap();
+    let (store, _) = img.open();
+    store.close().unwrap();
+    let e = img.open_err(&dev("loop:/x.img"));
+    assert!(e.to_string().contains("was made for an image file"), "{e}");
 }

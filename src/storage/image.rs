@@ -1,14 +1,18 @@
-//! The disk image file.
+//! The disk image: a raw file or a host block device.
 //!
-//! The image is a raw file; its size in bytes gives the capacity (rounded down
-//! to 512-byte sectors). It is held under an advisory `flock(2)` lock for as
-//! long as pinblk serves it: exclusive when writable, shared when read-only,
-//! so two pinblk processes never write one image.
+//! A file's size in bytes gives the capacity (rounded down to the logical
+//! block). It is held under an advisory `flock(2)` lock for as long as pinblk
+//! serves it: exclusive when writable, shared when read-only, so two pinblk
+//! processes never write one image. A block device (docs/DESIGN.md §6) is
+//! opened with `O_EXCL` instead (the kernel refuses a second exclusive open,
+//! and a mounted or otherwise claimed device), its size and block sizes come
+//! from its ioctls ([`super::blockdev`]).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use super::blockdev::{self, BlockDeviceInfo};
 use crate::guest::SECTOR_SIZE;
 use crate::sys::{lock_file, LOCK_WAIT};
 
@@ -21,6 +25,20 @@ pub enum StorageError {
     /// Another process (another pinblk) holds the advisory lock.
     #[error("image {0} is already in use by another pinblk (advisory lock held); stop that process or serve another image")]
     Locked(PathBuf),
+    /// Another process holds the block device exclusively (O_EXCL open
+    /// refused with EBUSY).
+    #[error("block device {0} is busy: another pinblk serves it, or it is mounted or claimed (md, dm/LVM, another exclusive opener); stop that user or serve another device")]
+    DeviceBusy(PathBuf),
+    /// `--logical-block-size` is smaller than the device's, with O_DIRECT.
+    #[error("--logical-block-size {asked} is smaller than the {device}-byte logical block of block device {path}, which O_DIRECT cannot address; pass --logical-block-size {device} (or leave it out), or drop --direct")]
+    BlockSizeBelowDevice {
+        /// The device.
+        path: PathBuf,
+        /// Logical block size asked for, in bytes.
+        asked: u32,
+        /// The device's logical block size (`BLKSSZGET`), in bytes.
+        device: u32,
+    },
     /// The image is smaller than one logical block.
     #[error("image {path} is {size} bytes, smaller than one {block}-byte logical block")]
     TooSmall {
@@ -52,6 +70,10 @@ pub struct Image {
     /// Size used as the capacity, in bytes: the file size rounded down to the logical block size.
     size: u64,
     read_only: bool,
+    /// Logical block size served, in bytes.
+    logical_block_size: u32,
+    /// What the kernel says about it, when the image is a block device.
+    block_device: Option<BlockDeviceInfo>,
 }
 
 /// How to open an image.
@@ -63,8 +85,10 @@ pub struct ImageOptions {
     pub read_only: bool,
     /// Open with O_DIRECT (bypass the host page cache, like QEMU's `cache.direct=on`).
     pub direct: bool,
-    /// Logical block size in bytes; the capacity is rounded down to a multiple of it.
-    pub logical_block_size: u32,
+    /// Logical block size in bytes (512 or 4096); the capacity is rounded
+    /// down to a multiple of it. `None`: a block device's own (`BLKSSZGET`),
+    /// 512 for a file.
+    pub logical_block_size: Option<u32>,
 }
 
 impl Image {
@@ -73,8 +97,13 @@ impl Image {
     /// # Errors
     /// [`StorageError::Missing`] if absent and no size given,
     /// [`StorageError::Locked`] if another pinblk serves it,
+    /// [`StorageError::DeviceBusy`] if a block device is held exclusively,
+    /// [`StorageError::BlockSizeBelowDevice`],
     /// [`StorageError::TooSmall`], or [`StorageError::Io`].
     pub fn open(path: &Path, opts: &ImageOptions) -> Result<Image, StorageError> {
+        if blockdev::is_block_device(path) {
+            return Image::open_block_device(path, opts);
+        }
         let io = |what: &'static str| {
             let path = path.to_path_buf();
             move |source| StorageError::Io { what, path, source }
@@ -115,13 +144,99 @@ impl Image {
                 );
             }
         }
-        let block = u64::from(opts.logical_block_size.max(SECTOR_SIZE as u32));
-        let size = file_size / block * block;
+        let block = opts.logical_block_size.unwrap_or(512);
+        Image::finish(file, path, file_size, block, opts.read_only, None)
+    }
+
+    /// Opens a block device: `O_EXCL` (refused while another pinblk serves
+    /// it or it is mounted), read-only when the device is (`BLKROGET`) or
+    /// cannot be opened for writing, size and logical block size from its
+    /// ioctls.
+    fn open_block_device(path: &Path, opts: &ImageOptions) -> Result<Image, StorageError> {
+        let io = |what: &'static str| {
+            let path = path.to_path_buf();
+            move |source| StorageError::Io { what, path, source }
+        };
+        if opts.create_size.is_some() {
+            log::warn!("{} is a block device; ignoring --size", path.display());
+        }
+        let open = |write: bool| {
+            let mut oo = OpenOptions::new();
+            let direct = if opts.direct { libc::O_DIRECT } else { 0 };
+            oo.read(true)
+                .write(write)
+                .custom_flags(libc::O_EXCL | direct);
+            oo.open(path)
+        };
+        let busy = |e: &std::io::Error| e.raw_os_error() == Some(libc::EBUSY);
+        let mut read_only = opts.read_only;
+        let file = match open(!read_only) {
+            Ok(f) => f,
+            Err(e)
+                if !read_only && matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES)) =>
+            {
+                log::warn!(
+                    "block device {} cannot be opened for writing ({e}); serving it read-only",
+                    path.display()
+                );
+                read_only = true;
+                open(false).map_err(|e| {
+                    if busy(&e) {
+                        StorageError::DeviceBusy(path.to_path_buf())
+                    } else {
+                        io("cannot open block device")(e)
+                    }
+                })?
+            }
+            Err(e) if busy(&e) => return Err(StorageError::DeviceBusy(path.to_path_buf())),
+            Err(e) => return Err(io("cannot open block device")(e)),
+        };
+        let info = blockdev::probe(&file, path).map_err(io("cannot query block device"))?;
+        if info.read_only && !read_only {
+            log::warn!(
+                "block device {} is read-only (BLKROGET); serving it read-only",
+                path.display()
+            );
+            read_only = true;
+        }
+        let block = opts.logical_block_size.unwrap_or(info.logical_block_size);
+        if opts.direct && block < info.logical_block_size {
+            return Err(StorageError::BlockSizeBelowDevice {
+                path: path.to_path_buf(),
+                asked: block,
+                device: info.logical_block_size,
+            });
+        }
+        log::info!(
+            "block device {} ({}): {} bytes, logical block {}, physical block {}, identity {:?}, limits {:?}",
+            path.display(),
+            info.name,
+            info.size,
+            info.logical_block_size,
+            info.physical_block_size,
+            info.identity,
+            info.limits
+        );
+        let size = info.size;
+        Image::finish(file, path, size, block, read_only, Some(info))
+    }
+
+    /// The capacity checks common to files and devices.
+    fn finish(
+        file: File,
+        path: &Path,
+        file_size: u64,
+        block: u32,
+        read_only: bool,
+        block_device: Option<BlockDeviceInfo>,
+    ) -> Result<Image, StorageError> {
+        let b = u64::from(block.max(SECTOR_SIZE as u32));
+        let size = file_size / b * b;
         if size == 0 {
             return Err(StorageError::TooSmall {
                 path: path.to_path_buf(),
                 size: file_size,
-                block: block as u32,
+                block,
             });
         }
         if size != file_size {
@@ -129,7 +244,7 @@ impl Image {
                 "image {} is {} bytes, not a multiple of {}; serving the first {} bytes",
                 path.display(),
                 file_size,
-                block,
+                b,
                 size
             );
         }
@@ -137,8 +252,21 @@ impl Image {
             file,
             path: path.to_path_buf(),
             size,
-            read_only: opts.read_only,
+            read_only,
+            logical_block_size: block,
+            block_device,
         })
+    }
+
+    /// What the kernel says about the image, when it is a block device.
+    pub fn block_device(&self) -> Option<&BlockDeviceInfo> {
+        self.block_device.as_ref()
+    }
+
+    /// Logical block size served, in bytes: `--logical-block-size`, else a
+    /// block device's own (`BLKSSZGET`), else 512.
+    pub fn logical_block_size(&self) -> u32 {
+        self.logical_block_size
     }
 
     /// The open file (for io_uring submissions and synchronous fallbacks).
@@ -161,7 +289,7 @@ impl Image {
         self.size / SECTOR_SIZE
     }
 
-    /// Whether the image was opened read-only.
+    /// Whether the image is served read-only (asked for, or a read-only block device).
     pub fn read_only(&self) -> bool {
         self.read_only
     }
@@ -192,7 +320,7 @@ mod tests {
     fn opts(size: Option<u64>) -> ImageOptions {
         ImageOptions {
             create_size: size,
-            logical_block_size: 512,
+            logical_block_size: Some(512),
             ..Default::default()
         }
     }

@@ -1,10 +1,12 @@
-//! Storage: the image ([`image`]) and the engines that move data between it
+//! Storage: the image ([`image`], a file or a block device probed by
+//! [`blockdev`]) and the engines that move data between it
 //! and guest memory ([`engine`]).
 //!
 //! The data path never builds io_uring submissions itself: it hands an
 //! [`engine::Op`] with a typed [`engine::Tag`] to an [`engine::Engine`] and
 //! later reaps `(Tag, result)` completions (docs/DESIGN.md §6).
 
+pub mod blockdev;
 pub mod engine;
 pub mod image;
 

@@ -182,6 +182,11 @@ where
     // it by the table size), to find where it really ends: the status byte
     // is the last byte of the device-writable part of the *whole* chain.
     let mut count = 0usize;
+    // Non-empty descriptors: the ones that become iovecs (MAX_SEGMENTS).
+    let mut segments = 0usize;
+    // Whether the last writable range is the last one kept in `writable`
+    // (not when it came past MAX_SEGMENTS).
+    let mut last_kept = false;
     let mut bytes = 0u64;
     let mut ended = false;
     let mut last_writable: Option<GuestRange> = None;
@@ -197,13 +202,15 @@ where
         if range.len == 0 {
             continue;
         }
+        segments += 1;
         if desc.is_write_only() {
             last_writable = Some(range);
+            last_kept = false;
         } else if last_writable.is_some() {
             misframed = true;
             error.get_or_insert(ParseError::ReadableAfterWritable);
         }
-        if count > MAX_SEGMENTS {
+        if segments > MAX_SEGMENTS {
             error.get_or_insert(ParseError::TooManyDescriptors);
             continue;
         }
@@ -219,6 +226,7 @@ where
         }
         if desc.is_write_only() {
             writable.push(range);
+            last_kept = true;
         } else {
             readable.push(range);
         }
@@ -246,7 +254,7 @@ where
     let status_addr = match last_writable {
         Some(last) if !misframed => {
             let addr = GuestAddress(last.addr.saturating_add(u64::from(last.len) - 1));
-            if count <= MAX_SEGMENTS {
+            if last_kept {
                 let tail = writable
                     .last_mut()
                     .expect("the last writable range was kept");

@@ -408,6 +408,23 @@ fn too_many_descriptors() {
 }
 
 #[test]
+fn empty_descriptors_do_not_count_against_max_segments_nor_keep_the_status_in_data() {
+    // Found by the fuzz target: 1024 non-empty descriptors then an empty
+    // one. The empty one is not a segment (the limit is the iovec count),
+    // and the status byte is taken off the data whatever the count.
+    let m = mem();
+    hdr(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    let mut descs = vec![r(HDR, 16)];
+    descs.extend((0..1022).map(|_| w(DATA, 512)));
+    descs.push(w(STATUS, 1));
+    descs.push(w(STATUS + 64, 0));
+    let req = parse_indirect(&m, &descs).expect("1024 segments are within the limit");
+    assert_eq!(req.status_addr, GuestAddress(STATUS));
+    assert_eq!(req.data_len, 1022 * 512);
+    assert!(req.data.iter().all(|r| r.addr != STATUS));
+}
+
+#[test]
 fn too_many_descriptors_never_puts_the_status_into_data() {
     // Issue 13 finding 7: a READ of 1100 device-writable data descriptors
     // and a status descriptor; the refusal's status goes to the status

@@ -59,7 +59,7 @@ pub(crate) fn image_file(dir: &Path, read_only: bool) -> (PathBuf, Image) {
         &path,
         &ImageOptions {
             read_only,
-            logical_block_size: 512,
+            logical_block_size: Some(512),
             ..Default::default()
         },
     )
@@ -90,6 +90,7 @@ pub(crate) fn device_with(
             read_only,
             serial: serial.into(),
             max_transfer: crate::device::DEFAULT_MAX_TRANSFER,
+            topology: Default::default(),
         },
         image,
         parts,

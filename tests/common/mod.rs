@@ -165,6 +165,21 @@ pub struct Client {
 }
 
 impl Client {
+    /// Writes a 4 KiB pattern (seed `i + 1` for the i-th offset) at each
+    /// byte offset of `offsets` on queue 0, FLUSHes, reads it back and
+    /// compares. Uses the first 8 KiB of the buffer.
+    pub fn write_flush_read_back(&mut self, offsets: &[u64]) {
+        for (i, &off) in offsets.iter().enumerate() {
+            let data = pattern(i as u64 + 1, 4096);
+            self.buf()[..4096].copy_from_slice(&data);
+            assert_eq!(self.write(0, off, 0, 4096), 0, "write at {off}");
+            assert_eq!(self.flush(0), 0, "flush after {off}");
+            self.buf()[4096..8192].fill(0);
+            assert_eq!(self.read(0, off, 4096, 4096), 0, "read at {off}");
+            assert_eq!(&self.buf()[4096..8192], &data[..], "read-back at {off}");
+        }
+    }
+
     /// Connects to `socket` with `num_queues` queues.
     pub fn connect(socket: &Path, num_queues: i32, buf_len: usize) -> Result<Client, blkio::Error> {
         Self::connect_with(socket, num_queues, buf_len, false)
@@ -286,11 +301,17 @@ pub fn count(events: &[serde_json::Value], kind: &str) -> usize {
 
 /// Runs `pinblk scrub --image IMAGE`: (exited 0, exit code, stdout + stderr).
 pub fn scrub(image: &Path) -> (bool, Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pinblk"))
-        .args(["scrub", "--image"])
-        .arg(image)
-        .output()
-        .unwrap();
+    scrub_with(image, None)
+}
+
+/// [`scrub`] with `--checksum-store STORE` when given.
+pub fn scrub_with(image: &Path, store: Option<&Path>) -> (bool, Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pinblk"));
+    cmd.args(["scrub", "--image"]).arg(image);
+    if let Some(store) = store {
+        cmd.arg("--checksum-store").arg(store);
+    }
+    let out = cmd.output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
