@@ -352,6 +352,24 @@ impl TestFrontend {
             .unwrap_or_else(|| panic!("queue {q} not started"))
     }
 
+    /// SET_VRING_ADDR again on the running queue `q`, same addresses, with
+    /// VHOST_VRING_F_LOG if `log`: what QEMU sends when a migration turns
+    /// dirty logging on or off.
+    pub fn set_vring_addr_again(&self, q: usize, log: bool) -> MsgResult<()> {
+        let ring = self.ring(q);
+        let host = |gpa: u64| self.region_of(gpa, 1).host(gpa, 1) as u64;
+        let cfg = VringConfigData {
+            queue_max_size: ring.size,
+            queue_size: ring.size,
+            flags: u32::from(log),
+            desc_table_addr: host(ring.desc),
+            used_ring_addr: host(ring.used),
+            avail_ring_addr: host(ring.avail),
+            log_addr: log.then_some(ring.used),
+        };
+        self.call(move |fe| fe.set_vring_addr(q, &cfg))
+    }
+
     /// Starts queue `q` on `ring`: zeroes the ring memory, then SET_VRING_NUM,
     /// SET_VRING_BASE 0, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL and
     /// SET_VRING_ENABLE 1 (vhost-user spec, "Starting and stopping rings").

@@ -507,10 +507,20 @@ where
             // Note: I'm not sure why QEMU's vhost-user library sets the 'user' index here,
             // _probably_ to make sure that the VQ is already configured. A better solution would
             // be to receive the 'used' index in SET_VRING_BASE, as is done when using packed VQs.
-            let idx = vring
-                .queue_used_idx()
+            // pinblk: read the used index and set next_used under one
+            // lock of the vring. QEMU sends SET_VRING_ADDR on a *running*
+            // ring to turn dirty logging on for a migration; read and set
+            // separately, a used element the queue's worker thread pushed
+            // in between was overwritten by the next one (a request lost
+            // to the driver, and after the switch-over a head completed
+            // twice: "id N is not a head").
+            let mem = self.atomic_mem.memory();
+            let mut state = vring.get_mut();
+            let idx = state
+                .get_queue()
+                .used_idx(&*mem, std::sync::atomic::Ordering::Acquire)
                 .map_err(|_| VhostUserError::BackendInternalError)?;
-            vring.set_queue_next_used(idx);
+            state.get_queue_mut().set_next_used(idx.0);
 
             Ok(())
         } else {
