@@ -163,3 +163,46 @@ pub(super) fn guest_memory_lost(queue: u16, job: &Job) -> bool {
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::{gather, with_guest_view, GuestMem, VIEW_INLINE};
+    use crate::guest::GuestRange;
+
+    #[test]
+    fn guest_view_is_the_bytes_of_the_ranges_in_order_across_regions_and_spills() {
+        // Two adjacent regions: a range over their border maps to two slices.
+        let mem =
+            GuestMem::from_ranges(&[(GuestAddress(0), 0x4000), (GuestAddress(0x4000), 0x4000)])
+                .unwrap();
+        let bytes: Vec<u8> = (0..0x8000u32).map(|i| (i * 7 % 251) as u8).collect();
+        mem.write_slice(&bytes, GuestAddress(0)).unwrap();
+        let at = |a: u64, l: u32| GuestRange { addr: a, len: l };
+        let want = |rs: &[GuestRange]| -> Vec<u8> {
+            rs.iter()
+                .flat_map(|r| bytes[r.addr as usize..r.end() as usize].to_vec())
+                .collect()
+        };
+        // One range across the border; then more ranges than fit inline.
+        let across = vec![at(0x3f00, 0x200)];
+        let many: Vec<GuestRange> = (0..VIEW_INLINE as u64 + 5)
+            .map(|i| at(0x7000 - i * 0x300, 0x100 + i as u32))
+            .collect();
+        for rs in [&across, &many] {
+            let got = with_guest_view(&mem, rs, |v| {
+                let mut out = vec![0u8; v.iter().map(|s| s.len()).sum()];
+                gather(&mut out, v);
+                out
+            })
+            .unwrap();
+            assert_eq!(got, want(rs));
+        }
+        let n = with_guest_view(&mem, &across, |v| v.len()).unwrap();
+        assert_eq!(n, 2, "one slice per region");
+        // Outside guest memory: an error, `f` not called.
+        let err = with_guest_view(&mem, &[at(0x7f00, 0x200)], |_| panic!("called"));
+        assert!(err.is_err());
+    }
+}
