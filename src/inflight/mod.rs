@@ -193,8 +193,11 @@ pub struct Recovery {
     /// be processed again before any new avail entry.
     pub resubmit: Vec<u16>,
     /// The avail index to continue from: used index + requests in flight
-    /// (the value for `Queue::set_next_avail`).
-    pub next_avail: u16,
+    /// (the value for `Queue::set_next_avail`), or `None` when the record
+    /// was never used (version 0) or was for another queue size: then it
+    /// says nothing, and the frontend's `SET_VRING_BASE` stands (a
+    /// migration's destination, a first start).
+    pub next_avail: Option<u16>,
 }
 
 /// One queue's part of the record (see the module docs for the protocol).
@@ -274,7 +277,7 @@ impl QueueInflight {
     pub fn recover(&mut self, ring_used_idx: u16) -> Recovery {
         let fresh = Recovery {
             resubmit: Vec::new(),
-            next_avail: ring_used_idx,
+            next_avail: None,
         };
         if self.load::<u16>(OFF_VERSION) == 0 {
             self.reset(ring_used_idx);
@@ -305,7 +308,7 @@ impl QueueInflight {
         found.sort_unstable();
         self.counter = found.last().map_or(0, |&(c, _)| c + 1);
         Recovery {
-            next_avail: ring_used_idx.wrapping_add(found.len() as u16),
+            next_avail: Some(ring_used_idx.wrapping_add(found.len() as u16)),
             resubmit: found.into_iter().map(|(_, h)| h).collect(),
         }
     }

@@ -35,7 +35,7 @@ fn run_and_recover(qsize: u16, steps: &[Step], stop: usize) -> (Recovery, u16, V
         q.recover(0),
         Recovery {
             resubmit: vec![],
-            next_avail: 0
+            next_avail: None
         }
     );
     let mut used = 0u16;
@@ -87,7 +87,7 @@ fn a_crash_after_any_step_resubmits_exactly_the_uncompleted_heads_oldest_first()
         );
         assert_eq!(
             rec.next_avail,
-            used.wrapping_add(expected.len() as u16),
+            Some(used.wrapping_add(expected.len() as u16)),
             "crash after {stop} steps"
         );
     }
@@ -109,7 +109,7 @@ fn a_crash_between_publishing_the_used_index_and_clearing_is_read_correctly() {
         rec,
         Recovery {
             resubmit: vec![3],
-            next_avail: 2
+            next_avail: Some(2)
         }
     );
     assert!(!again.is_inflight(4));
@@ -149,7 +149,7 @@ fn queues_have_separate_parts_and_used_index_wraps() {
         rec,
         Recovery {
             resubmit: vec![3],
-            next_avail: 0
+            next_avail: Some(0)
         }
     );
     let mut b = region.queue(1).unwrap();

@@ -24,9 +24,9 @@ pub(super) struct Tracking {
 impl QueueWorker {
     /// Starts tracking with `part`, this queue's part of the inflight record,
     /// when the vring starts (after `SET_VRING_KICK`): reads it against the
-    /// guest's used index, sets the next avail index the record implies
+    /// guest's used index, sets the next avail index a used record implies
     /// (overriding `SET_VRING_BASE`, which after a crash is only the used
-    /// index) and queues the heads still in flight for resubmission, which
+    /// index; a fresh record leaves it) and queues the heads still in flight for resubmission, which
     /// begins at once (the worker wakes itself; no kick is needed).
     ///
     /// # Errors
@@ -40,7 +40,9 @@ impl QueueWorker {
             .queue_used_idx()
             .map_err(|e| std::io::Error::other(format!("cannot read the used index: {e}")))?;
         let rec = part.recover(used);
-        vring.set_queue_next_avail(rec.next_avail);
+        if let Some(next) = rec.next_avail {
+            vring.set_queue_next_avail(next);
+        }
         if !rec.resubmit.is_empty() {
             log::info!(
                 "queue {}: inflight record names {} request(s) popped and not completed \
