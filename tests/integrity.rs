@@ -114,7 +114,13 @@ fn checksum_failure_with_on_mismatch_eio_fails_the_read() {
     assert_eq!(ev[0]["sector"], 88);
 }
 
+/// Rounds of [`scribble`], each 8 WRITEs of 64 KiB in flight at once.
+const SCRIBBLE_ROUNDS: u64 = 24;
+
 /// A thread keeps rewriting the buffer while WRITEs from it are in flight.
+/// Each WRITE goes to its own 64 KiB of the image (written once, never
+/// again), so a block torn on its way to the disk stays torn until it is
+/// read back; the image's first 12 MiB are written, then read back.
 fn scribble(extra: &[&str]) -> (Vec<Value>, Server, Vec<u8>) {
     let (srv, report) = start(tempfile::tempdir().unwrap(), extra);
     let mut c = Client::connect(&srv.socket, 1, MIB as usize).unwrap();
@@ -132,11 +138,11 @@ fn scribble(extra: &[&str]) -> (Vec<Value>, Server, Vec<u8>) {
         }
     });
     // Several WRITEs in flight at once from the changing buffer.
-    for round in 0..50u64 {
+    for round in 0..SCRIBBLE_ROUNDS {
         for i in 0..8u64 {
             let p = c.ptr(0);
             c.queues[0].write(
-                (round % 16) * 65536 + i * 4096 * 2,
+                (round * 8 + i) * 65536,
                 p,
                 65536,
                 i as usize,
@@ -152,7 +158,7 @@ fn scribble(extra: &[&str]) -> (Vec<Value>, Server, Vec<u8>) {
     // Read back everything written.
     let mut back = vec![0u8; 0];
     let mut st_all = Vec::new();
-    for b in 0..18u64 {
+    for b in 0..SCRIBBLE_ROUNDS * 8 {
         st_all.push(c.read(0, b * 65536, 131072, 65536));
         back.extend_from_slice(&c.buf()[131072..131072 + 65536]);
     }
