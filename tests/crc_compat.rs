@@ -5,21 +5,12 @@
 //! earlier pinblk still opens and scrubs clean (header CRC, table CRC and
 //! every block).
 
+mod common;
+
 use std::path::Path;
 
+use common::pattern;
 use pinblk::integrity::{copy_crc32c_blocks, crc32c, crc32c_append, crc32c_slices, scrub};
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 #[test]
 fn crc32c_gives_the_iscsi_test_vectors() {
@@ -36,7 +27,7 @@ fn crc32c_gives_the_iscsi_test_vectors() {
 
 #[test]
 fn crc32c_matches_the_crc32c_crate_for_every_length_and_split() {
-    let data = pattern(300 << 10, 17);
+    let data = pattern(17, 300 << 10);
     // Lengths around every size the folding code treats differently.
     let lens = (0..300).chain([
         4095,
@@ -67,7 +58,7 @@ fn crc32c_matches_the_crc32c_crate_for_every_length_and_split() {
 #[test]
 fn fused_copy_and_crc_copies_and_checksums_each_block() {
     for len in [0, 1, 4096, 4097, 3 * 4096 + 100, 128 << 10] {
-        let src = pattern(len, 3);
+        let src = pattern(3, len);
         let mut dst = vec![0u8; len];
         let mut got = Vec::new();
         copy_crc32c_blocks(&mut dst, &[&src[..]], |i, c| got.push((i, c)));
