@@ -165,7 +165,8 @@ fn run(dev: &Device, cmd: &str, args: &Map<String, Value>) -> Result<Value, Valu
             known(&[])?;
             Ok(json!({
                 "counters": dev.pins().counters(),
-                "num_queues": dev.pins().num_queues(),
+                "num_queues": dev.config().num_queues,
+                "queue_slots": dev.pins().num_queues(),
                 "longterm_after_ms": dev.pins().longterm_after().as_millis() as u64,
                 "pin_tracking": dev.pin_tracking(),
             }))

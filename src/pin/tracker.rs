@@ -404,7 +404,9 @@ impl PinTracker {
         }
     }
 
-    /// Number of virtqueues this tracker has registries for.
+    /// Number of queue slots this tracker has registries for (one per
+    /// virtqueue per connection lane: the device's queues ×
+    /// `MAX_CONNECTIONS`, docs/DESIGN.md §13).
     pub fn num_queues(&self) -> u16 {
         self.queues.len() as u16
     }
