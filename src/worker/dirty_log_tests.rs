@@ -17,12 +17,10 @@ use virtio_bindings::bindings::virtio_blk::{
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::test_util::{
-    device, fill, guest_memory, image_bytes, image_file, pattern, r, vring, w, Driver, Io, IOERR,
-    MEM_SIZE, OK, UNSET,
+    fill, image_bytes, pattern, r, w, Driver, FakeRig, Io, IOERR, MEM_SIZE, OK, UNSET,
 };
-use super::{GuestMem, QueueWorker, Vring};
-use crate::device::Device;
-use crate::storage::{Engine, FakeHandle, Tag};
+use super::GuestMem;
+use crate::storage::{FakeHandle, Tag};
 
 const BUF_START: u64 = 0x10_0000;
 const BUF_END: u64 = 0x80_0000;
@@ -75,38 +73,7 @@ impl DirtyLog {
     }
 }
 
-struct Rig {
-    _dir: tempfile::TempDir,
-    dev: Arc<Device>,
-    vring: Vring,
-    worker: QueueWorker,
-    fake: FakeHandle,
-}
-
-impl Rig {
-    fn new() -> (Rig, Arc<GuestMem>) {
-        let dir = tempfile::tempdir().unwrap();
-        let (_, image) = image_file(dir.path(), false);
-        let dev = Arc::new(device(image, 1, false, "dirty-log"));
-        let (mem, gm) = guest_memory();
-        let vring = vring(&mem);
-        let (engine, fake) = Engine::fake(dev.image().file());
-        let worker = QueueWorker::with_engine(dev.clone(), mem, 0, engine).unwrap();
-        let rig = Rig {
-            _dir: dir,
-            dev,
-            vring,
-            worker,
-            fake,
-        };
-        (rig, gm)
-    }
-
-    fn complete_slot(&mut self, slot: u32) {
-        assert!(self.fake.complete(Tag::Job { slot, op: 0 }));
-        self.worker.complete(&self.vring);
-    }
-}
+type Rig = FakeRig;
 
 /// `pages` whole guest pages of their own, filled with `byte`.
 fn pages(d: &mut Driver<'_>, pages: u64, byte: u8) -> u64 {
@@ -148,7 +115,7 @@ fn held_slots(fake: &FakeHandle) -> Vec<u32> {
 
 #[test]
 fn every_completion_path_marks_the_dirty_log() {
-    let (mut rig, gm) = Rig::new();
+    let (mut rig, gm) = Rig::new("dirty-log");
     let mut d = Driver::new(&gm, &rig.vring, 0, BUF_START..BUF_END);
     let used_ring = d.used_addr();
 
@@ -257,7 +224,7 @@ fn every_completion_path_marks_the_dirty_log() {
 /// nothing fails: marking is a no-op on an empty region bitmap.
 #[test]
 fn without_a_log_completions_mark_nothing_and_succeed() {
-    let (mut rig, gm) = Rig::new();
+    let (mut rig, gm) = Rig::new("dirty-log");
     let mut d = Driver::new(&gm, &rig.vring, 0, BUF_START..BUF_END);
     let buf = pages(&mut d, 2, 0xee);
     let (rd, _) = request(&mut d, VIRTIO_BLK_T_IN, 8, &[w(buf, LEN)]);

@@ -3,71 +3,28 @@
 //! tmpfs almost never shows (a later request completing first, a READ and an
 //! overlapping WRITE finishing either way round) are reproduced exactly.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 
-use super::test_util::{
-    device, guest_memory, image_bytes, image_file, pattern, r, vring, w, Driver, Io, OK,
-};
-use super::{GuestMem, QueueWorker, Vring};
-use crate::device::Device;
+use super::test_util::{image_bytes, pattern, r, w, Driver, FakeRig, Io, OK};
+use super::GuestMem;
 use crate::guest::GuestRange;
-use crate::storage::{Engine, FakeHandle, Tag};
+use crate::storage::{FakeHandle, Tag};
 
 const BUF_START: u64 = 0x10_0000;
 const BUF_END: u64 = 0x80_0000;
 const LEN: u32 = 4096;
 
-struct Rig {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    dev: Arc<Device>,
-    vring: Vring,
-    worker: QueueWorker,
-    fake: FakeHandle,
-}
+type Rig = FakeRig;
 
-impl Rig {
-    fn new() -> (Rig, Arc<GuestMem>) {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, image) = image_file(dir.path(), false);
-        let dev = Arc::new(device(image, 1, false, "fake"));
-        let (mem, gm) = guest_memory();
-        let vring = vring(&mem);
-        let (engine, fake) = Engine::fake(dev.image().file());
-        let worker = QueueWorker::with_engine(dev.clone(), mem, 0, engine).unwrap();
-        let rig = Rig {
-            _dir: dir,
-            path,
-            dev,
-            vring,
-            worker,
-            fake,
-        };
-        (rig, gm)
-    }
-
+impl FakeRig {
     fn driver<'a>(&self, gm: &'a GuestMem) -> Driver<'a> {
         Driver::new(gm, &self.vring, 0, BUF_START..BUF_END)
     }
 
     fn kick(&mut self) {
         self.worker.process_queue(&self.vring);
-    }
-
-    /// Completes the held storage operation of the request in `slot`, then
-    /// lets the worker see it (as its completion eventfd would).
-    fn complete_slot(&mut self, slot: u32) {
-        assert!(
-            self.fake.complete(Tag::Job { slot, op: 0 }),
-            "no operation held for slot {slot}: {:?}",
-            self.fake.held()
-        );
-        self.worker.complete(&self.vring);
     }
 
     fn image_at(&self, sector: u64, len: usize) -> Vec<u8> {
@@ -104,7 +61,7 @@ fn held_slots(fake: &FakeHandle) -> Vec<u32> {
 
 #[test]
 fn requests_complete_in_the_order_storage_finishes_them() {
-    let (mut rig, gm) = Rig::new();
+    let (mut rig, gm) = Rig::new("fake");
     let mut d = rig.driver(&gm);
     let a = read(&mut d, 0);
     let b = read(&mut d, 8);
@@ -140,7 +97,7 @@ fn requests_complete_in_the_order_storage_finishes_them() {
 
 #[test]
 fn a_request_stays_pinned_until_storage_completes_it() {
-    let (mut rig, gm) = Rig::new();
+    let (mut rig, gm) = Rig::new("fake");
     let mut d = rig.driver(&gm);
     let a = read(&mut d, 0);
     let range = [GuestRange {
@@ -175,7 +132,7 @@ fn a_request_stays_pinned_until_storage_completes_it() {
 /// the order the guest sees; both orders are reproduced here.
 #[test]
 fn overlapping_read_and_write_finish_in_either_order() {
-    let (mut rig, gm) = Rig::new();
+    let (mut rig, gm) = Rig::new("fake");
     let mut d = rig.driver(&gm);
     let old = image_bytes(16 * 512, LEN as usize);
 
@@ -208,7 +165,7 @@ fn overlapping_read_and_write_finish_in_either_order() {
 
 #[test]
 fn drain_completes_what_storage_still_holds() {
-    let (mut rig, gm) = Rig::new();
+    let (mut rig, gm) = Rig::new("fake");
     let mut d = rig.driver(&gm);
     let ios: Vec<Io> = (0..4)
         .map(|i| write(&mut d, i * 8, &pattern(i as u8, LEN as usize)))
@@ -233,7 +190,7 @@ fn drain_completes_what_storage_still_holds() {
 /// nothing more is popped.
 #[test]
 fn ring_stop_past_its_deadline_abandons_what_storage_holds() {
-    let (mut rig, gm) = Rig::new();
+    let (mut rig, gm) = Rig::new("fake");
     let mut d = rig.driver(&gm);
     let a = read(&mut d, 0);
     let b = write(&mut d, 8, &pattern(1, LEN as usize));
@@ -266,7 +223,7 @@ fn ring_stop_past_its_deadline_abandons_what_storage_holds() {
 /// only once every popped request is in the used ring.
 #[test]
 fn ring_stop_waits_for_storage_within_its_deadline() {
-    let (mut rig, gm) = Rig::new();
+    let (mut rig, gm) = Rig::new("fake");
     let mut d = rig.driver(&gm);
     let ios = [read(&mut d, 0), read(&mut d, 8)];
     rig.kick();

@@ -293,3 +293,49 @@ impl<'a> Driver<'a> {
         assert_eq!(self.status_of(io), UNSET, "status of head {}", io.head);
     }
 }
+
+/// One worker of queue 0 over a fresh 1 MiB image on the fake storage
+/// engine (storage operations complete when the test says), with its
+/// guest memory's vring. Test modules add their own methods to it.
+pub(crate) struct FakeRig {
+    pub(crate) _dir: tempfile::TempDir,
+    /// The image file.
+    pub(crate) path: PathBuf,
+    pub(crate) dev: Arc<Device>,
+    pub(crate) vring: Vring,
+    pub(crate) worker: super::QueueWorker,
+    pub(crate) fake: crate::storage::FakeHandle,
+}
+
+impl FakeRig {
+    /// A rig whose device answers GET_ID with `serial`, and its guest memory.
+    pub(crate) fn new(serial: &str) -> (FakeRig, Arc<GuestMem>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, image) = image_file(dir.path(), false);
+        let dev = Arc::new(device(image, 1, false, serial));
+        let (mem, gm) = guest_memory();
+        let vring = vring(&mem);
+        let (engine, fake) = crate::storage::Engine::fake(dev.image().file());
+        let worker = super::QueueWorker::with_engine(dev.clone(), mem, 0, engine).unwrap();
+        let rig = FakeRig {
+            _dir: dir,
+            path,
+            dev,
+            vring,
+            worker,
+            fake,
+        };
+        (rig, gm)
+    }
+
+    /// Completes the held storage operation of the request in `slot`, then
+    /// lets the worker see it (as its completion eventfd would).
+    pub(crate) fn complete_slot(&mut self, slot: u32) {
+        assert!(
+            self.fake.complete(crate::storage::Tag::Job { slot, op: 0 }),
+            "no operation held for slot {slot}: {:?}",
+            self.fake.held()
+        );
+        self.worker.complete(&self.vring);
+    }
+}
