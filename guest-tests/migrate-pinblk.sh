@@ -37,7 +37,15 @@
 #   --smp N          guest CPUs (default 1: see SMP below; the guest
 #                    then drives one of the device's 2 queues)
 #   --results DIR    logs (default target/guest-results/migrate-<policy>-<workload>)
+#   --attempts N     run again, up to N runs in all, when a run fails and
+#                    guest-tests/migrate-verdict.py finds the guest failed
+#                    on its own with pinblk's part correct (a TCG guest
+#                    crash or hang: docs/DESIGN.md section 13); any other
+#                    failure ends the test at once (default 1)
 #   --verbose        stream the guest console
+#
+# Exit status: 0 pass; 3 a failure the verdict puts on the guest; 1 any
+# other failure; 2 usage.
 #
 # Prints, per hop, QEMU's total migration time and the guest's downtime
 # (query-migrate `total-time`, `downtime`, in ms), and the requests pinblk
@@ -62,6 +70,8 @@ ACCEL=tcg
 SMP=1
 RESULTS=
 QUIET=--quiet
+ATTEMPTS=1
+ARGS=("$@")
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--pinblk) PINBLK=$2; shift 2 ;;
@@ -74,6 +84,7 @@ while [[ $# -gt 0 ]]; do
 	--accel) ACCEL=$2; shift 2 ;;
 	--smp) SMP=$2; shift 2 ;;
 	--results) RESULTS=$2; shift 2 ;;
+	--attempts) ATTEMPTS=$2; shift 2 ;;
 	--verbose) QUIET=; shift ;;
 	-h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
 	*) echo "migrate-pinblk: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -83,6 +94,20 @@ say() { printf 'migrate-pinblk: %s\n' "$*" >&2; }
 [[ -x $PINBLK ]] || { say "no pinblk binary at $PINBLK; run cargo build --release or pass --pinblk"; exit 2; }
 [[ $HOPS =~ ^[1-9][0-9]*$ ]] || { say "bad --hops $HOPS"; exit 2; }
 RESULTS=${RESULTS:-$ROOT/target/guest-results/migrate-$POLICY-$WORKLOAD}
+[[ $ATTEMPTS =~ ^[1-9][0-9]*$ ]] || { say "bad --attempts $ATTEMPTS"; exit 2; }
+if ((ATTEMPTS > 1)); then
+	# Each attempt is this script with --attempts 1 (a later --results and
+	# --attempts override the earlier ones) in its own directory.
+	for ((a = 1; a <= ATTEMPTS; a++)); do
+		arc=0
+		"${BASH_SOURCE[0]}" "${ARGS[@]}" --results "$RESULTS/attempt-$a" --attempts 1 || arc=$?
+		((arc == 0)) && { ((a == 1)) || say "PASS on attempt $a of $ATTEMPTS (attempts before it failed on the guest's side: see above)"; exit 0; }
+		((arc == 3)) || exit "$arc"
+		((a < ATTEMPTS)) && say "attempt $a failed on the guest's side (TCG, not pinblk: see the verdict above); running it again"
+	done
+	say "FAIL: $ATTEMPTS attempts, each failed on the guest's side"
+	exit 1
+fi
 QMP_PY=$SCRIPT_DIR/qmp.py
 
 "$SCRIPT_DIR/build-guest.sh" "$ROOT/target/guest" >&2
@@ -91,6 +116,9 @@ mkdir -p "$RESULTS"
 SOCK=$RESULTS/pinblk.sock
 REPORT=$RESULTS/report.jsonl
 PLOG=$RESULTS/pinblk.log
+CTL=$RESULTS/pinblk.ctl
+# A workload that completes no request for this long has stalled.
+STALL_SECS=${STALL_SECS:-90}
 
 EXTRA=()
 # The guest's fio: 2 jobs of 4 KiB random writes with crc32c verify (fio
@@ -124,7 +152,7 @@ cleanup() {
 trap cleanup EXIT
 
 RUST_LOG=${RUST_LOG:-info} "$PINBLK" serve --socket "$SOCK" --image "$RESULTS/disk.img" \
-	--size 512M --num-queues 2 --report "$REPORT" --policy "$POLICY" \
+	--size 512M --num-queues 2 --report "$REPORT" --policy "$POLICY" --control "$CTL" \
 	${EXTRA[@]+"${EXTRA[@]}"} 2>"$PLOG" &
 PID=$!
 for _ in $(seq 100); do
@@ -209,9 +237,67 @@ for ((hop = 1; hop <= HOPS; hop++)); do
 	say "${hops[-1]}"
 done
 
+# pinblk's request counters (completed requests by kind), as one line.
+requests() { "$PINBLK" ctl "$CTL" query-stats 2>/dev/null | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin).get("requests")))' 2>/dev/null || echo "?"; }
+# What a stalled run looked like from both sides: the guest's virtqueues
+# as the last QEMU sees them, and pinblk's counters and pins.
+diagnose() {
+	local q=$1 d path
+	{
+		echo "== pinblk query-stats"; "$PINBLK" ctl "$CTL" query-stats || true
+		echo "== pinblk query-pins"; "$PINBLK" ctl "$CTL" query-pins || true
+		for path in $(qmp "$q" x-query-virtio 2>/dev/null | python3 -c 'import json,sys; [print(d["path"]) for d in json.load(sys.stdin)]' 2>/dev/null); do
+			for d in 0 1; do
+				echo "== QEMU $path queue $d (x-query-virtio-queue-status)"
+				qmp "$q" x-query-virtio-queue-status "{\"path\": \"$path\", \"queue\": $d}" || true
+				echo "== QEMU $path queue $d (x-query-virtio-vhost-queue-status)"
+				qmp "$q" x-query-virtio-vhost-queue-status "{\"path\": \"$path\", \"queue\": $d}" | tee "$RESULTS/vq.json" || true
+				# The split ring's indices and event fields in guest memory
+				# (virtio 1.2 2.7.6-2.7.8): avail flags/idx, used_event,
+				# used flags/idx, avail_event.
+				read -r avail used num < <(python3 -c 'import json; v=json.load(open("'"$RESULTS/vq.json"'")); print(v["avail-phys"], v["used-phys"], v["num"])' 2>/dev/null) || continue
+				((num > 0)) || continue
+				for probe in "avail_idx:$((avail + 2))" "used_event:$((avail + 4 + 2 * num))" "used_idx:$((used + 2))" "avail_event:$((used + 4 + 8 * num))"; do
+					IFS=: read -r what addr <<<"$probe"
+					# "000000001ffdd802: 0x0001\r\n" -> 1
+					val=$(qmp "$q" human-monitor-command "{\"command-line\": \"xp /1hx $addr\"}" |
+						python3 -c 'import json,sys; print(int(json.load(sys.stdin).split()[1], 16))' 2>/dev/null) || val=?
+					echo "guest-side $what=$val"
+				done
+			done
+		done
+		echo "== QEMU info cpus / info registers"
+		qmp "$q" human-monitor-command '{"command-line": "info cpus"}' || true
+		qmp "$q" human-monitor-command '{"command-line": "info registers"}' | head -c 600 || true
+		echo "== pinblk log (last 40 lines)"; tail -n 40 "$PLOG"
+		echo "== guest console (last 40 lines)"; tail -n 40 "$RESULTS/console.$last.log" | tr -d '\r'
+	} >"$RESULTS/stall.txt" 2>&1
+	sed 's/^/  stall: /' "$RESULTS/stall.txt" >&2
+}
+
 rc=0
 last=$((${#RUNS[@]} - 1))
+# Watch the workload on the last destination: a run in which pinblk
+# completes no request for STALL_SECS is diagnosed and stopped (instead of
+# waiting out run-fio's timeout with nothing to show for it).
+seen=$(requests)
+still=0
+stalled=0
+while kill -0 "${RUNS[last]}" 2>/dev/null; do
+	sleep 5
+	now=$(requests)
+	if [[ $now == "$seen" ]]; then still=$((still + 5)); else still=0; seen=$now; fi
+	grep -a -q 'PINBLK-GUEST-\(CMD\|FIO\)-END\|PINBLK-GUEST-DONE' "$RESULTS/console.$last.log" 2>/dev/null && still=0
+	if ((still >= STALL_SECS)); then
+		say "no request completed for ${STALL_SECS} s on QEMU $last: diagnosing ($RESULTS/stall.txt)"
+		diagnose "$RESULTS/qmp.$last"
+		stalled=1
+		kill -TERM "${RUNS[last]}" 2>/dev/null || true
+		break
+	fi
+done
 wait "${RUNS[last]}" || rc=$?
+((stalled == 0)) || fail+=("the workload on QEMU $last stalled: no request completed for ${STALL_SECS} s (see stall: lines above)")
 kill -TERM "$PID"
 prc=0
 wait "$PID" || prc=$?
@@ -243,7 +329,13 @@ say "policy $POLICY, workload $WORKLOAD: $conflicts conflict event(s)"
 for h in "${hops[@]}"; do say "$h"; done
 if ((${#fail[@]})); then
 	for f in "${fail[@]}"; do say "FAIL: $f"; done
+	grep -a -m 3 'Oops\|BUG:\|kernel BUG\|Kernel panic\|is not a head' "$RESULTS/console.all" | sed 's/^/  guest: /' >&2 || true
+	grep 'started:\|stopped after' "$PLOG" | sed 's/^.*\] /  rings: /' >&2 || true
+	vrc=0
+	verdict=$("$SCRIPT_DIR/migrate-verdict.py" "$RESULTS") || vrc=$?
+	say "whose failure: $verdict"
 	say "logs in $RESULTS"
+	((vrc == 3)) && exit 3
 	exit 1
 fi
 say "PASS: ${#hops[@]} live migration(s) under $WORKLOAD with --policy $POLICY, 0 checksum_failure"

@@ -247,6 +247,16 @@ impl VhostUserBackend for BlkBackend {
     fn vring_started(&self, queue_index: u16, vring: &Vring) -> std::io::Result<()> {
         // A ring running again: whatever was stopped for a migration is back.
         self.migration.handed_over.store(false, Ordering::Release);
+        if let Some(w) = self.workers.get(usize::from(queue_index)) {
+            let state = w
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ring_state(vring);
+            log::info!(
+                "connection {}: queue {queue_index} started: {state}",
+                self.connection
+            );
+        }
         let region = self
             .inflight
             .lock()
@@ -283,6 +293,13 @@ impl VhostUserBackend for BlkBackend {
         let in_flight = w.inflight() as u64;
         w.stop(ring_stop_limit(self.dev.policy().stall_timeout))
             .inspect_err(|e| log::error!("GET_VRING_BASE: {e}; dropping the connection"))?;
+        if let Some(vring) = w.vring() {
+            log::info!(
+                "connection {}: queue {queue_index} stopped after draining {in_flight} request(s): {}",
+                self.connection,
+                w.ring_state(&vring)
+            );
+        }
         let m = &self.migration;
         m.drained_at_stop.fetch_add(in_flight, Ordering::AcqRel);
         if m.logging.load(Ordering::Acquire) {

@@ -6,6 +6,7 @@
 //! oldest first, before any new avail entry.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 
 use vhost_user_backend::VringT;
 use virtio_queue::{DescriptorChain, QueueT};
@@ -59,6 +60,28 @@ impl QueueWorker {
         };
         self.vring = Some(vring.clone());
         Ok(())
+    }
+
+    /// One line on a ring's indices for the start and stop logs: the next
+    /// avail index pinblk will pop (from SET_VRING_BASE, or where it
+    /// stopped), its next used index, and the avail and used `idx` fields as
+    /// they are in guest memory (virtio 1.2 §2.7.6, §2.7.8). A restart or a
+    /// migration that loses or repeats a request shows here first.
+    pub fn ring_state(&self, vring: &Vring) -> String {
+        let mem = self.mem.memory();
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        let avail = q
+            .avail_idx(&*mem, Ordering::Acquire)
+            .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
+        let used = q
+            .used_idx(&*mem, Ordering::Acquire)
+            .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
+        format!(
+            "next avail {}, next used {}; in guest memory: avail idx {avail}, used idx {used}",
+            q.next_avail(),
+            q.next_used()
+        )
     }
 
     /// Step 1 of the record: `head` was popped.

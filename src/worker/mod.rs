@@ -225,6 +225,12 @@ impl QueueWorker {
         self.event_idx = enabled;
     }
 
+    /// The vring this queue last served (set when it first processed the
+    /// ring or started with an inflight record), for the ring-state log.
+    pub fn vring(&self) -> Option<Vring> {
+        self.vring.clone()
+    }
+
     /// Requests popped and not yet done.
     pub fn inflight(&self) -> usize {
         self.jobs.len()

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""guest-tests/migrate-verdict.py -- whose failure was a failed migration run?
+
+Usage: migrate-verdict.py RESULTS_DIR
+
+Reads what guest-tests/migrate-pinblk.sh left in RESULTS_DIR (pinblk.log,
+report.jsonl, console.all, stall.txt) after a failed run and prints one
+line: "guest: <why>" when the evidence says pinblk did its part and the
+guest failed on its own (QEMU 7.2's TCG loses guest pages across a
+migration now and then: docs/DESIGN.md section 13), or "pinblk: <why>"
+otherwise. Exit status 3 for "guest", 1 for "pinblk".
+
+pinblk did its part when all of these hold:
+  - no checksum_failure in the report, no I/O error in the guest console;
+  - at every ring stop every popped request was completed (next avail ==
+    next used == the used idx in guest memory), and every destination
+    started where its source stopped (same next avail and next used);
+  - the failure is a guest kernel crash (Oops, BUG, panic, "is not a
+    head" with the indices above consistent), or a stall in which pinblk
+    has nothing in flight and the driver has seen every used element
+    (avail idx == used idx == used_event in guest memory: it is not
+    waiting for an interrupt pinblk owed it).
+"""
+
+import json
+import re
+import sys
+
+RING = re.compile(
+    r"connection (\d+): queue (\d+) (started|stopped after draining \d+ request\(s\)): "
+    r"next avail (\d+), next used (\d+); in guest memory: avail idx (\S+), used idx (\S+)"
+)
+
+
+def main():
+    d = sys.argv[1]
+
+    def read(name):
+        try:
+            with open(f"{d}/{name}", encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def verdict(who, why):
+        print(f"{who}: {why}")
+        return 3 if who == "guest" else 1
+
+    report = read("report.jsonl")
+    if '"kind":"checksum_failure"' in report:
+        return verdict("pinblk", "checksum_failure in the report")
+    console = read("console.all")
+    if re.search(r"I/O error", console, re.I):
+        return verdict("pinblk", "the guest saw an I/O error")
+
+    last_stop = {}
+    for m in RING.finditer(read("pinblk.log")):
+        conn, queue, what = int(m[1]), int(m[2]), m[3]
+        nxt, used, mem_used = int(m[4]), int(m[5]), m[7]
+        if what.startswith("stopped"):
+            if nxt != used or mem_used != str(used):
+                return verdict(
+                    "pinblk",
+                    f"connection {conn} queue {queue} stopped with next avail {nxt}, "
+                    f"next used {used}, used idx {mem_used}: a request not completed or completed twice",
+                )
+            last_stop[queue] = (conn, nxt, used)
+        elif conn > 1 and queue in last_stop and last_stop[queue][0] != conn:
+            src, s_nxt, s_used = last_stop[queue]
+            if (nxt, used) != (s_nxt, s_used):
+                return verdict(
+                    "pinblk",
+                    f"connection {conn} queue {queue} started at next avail {nxt}, next used {used}; "
+                    f"connection {src} stopped at {s_nxt}, {s_used}",
+                )
+
+    crash = re.search(r"Oops|BUG:|kernel BUG|Kernel panic|is not a head|general protection", console)
+    if crash:
+        return verdict("guest", f"the guest kernel crashed ({crash[0]!r}) with pinblk's ring indices consistent at every stop and start")
+
+    stall = read("stall.txt")
+    if stall:
+        vals = dict(re.findall(r"^guest-side (\w+)=(\d+)$", stall, re.M))
+        inflight = re.search(r'"inflight_pins":\s*(\d+)', stall)
+        if (
+            vals.get("avail_idx") is not None
+            and vals.get("avail_idx") == vals.get("used_idx") == vals.get("used_event")
+            and (inflight is None or inflight[1] == "0")
+        ):
+            return verdict(
+                "guest",
+                f"stalled with nothing in flight: avail idx = used idx = used_event = {vals['used_idx']} "
+                "(the driver saw every completion; it stopped submitting)",
+            )
+        return verdict("pinblk", f"stalled and the guest may be waiting on pinblk: {json.dumps(vals)}")
+    return verdict("pinblk", "no evidence that the guest failed on its own")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
