@@ -13,6 +13,7 @@
 
 use std::fmt;
 
+use smallvec::SmallVec;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
 
 /// The dirty-page log of one guest memory region (vhost-user spec,
@@ -86,8 +87,19 @@ impl fmt::Display for GuestRange {
     }
 }
 
-/// Takes `len` bytes from the front of a list of ranges, returning them as ranges.
-pub fn take_ranges(ranges: &[GuestRange], skip: u64, len: u64) -> Vec<GuestRange> {
+/// How many [`GuestRange`]s a [`Ranges`] holds without a heap allocation.
+pub const RANGES_INLINE: usize = 4;
+
+/// A request's buffer as a list of guest-physical ranges, in chain order
+/// (each a guest-physical address and a length in bytes): what one request
+/// carries from the descriptor chain to the pin model and storage. Up to
+/// [`RANGES_INLINE`] ranges (a request with a handful of data descriptors)
+/// are held inline, so the common request allocates nothing for it; more
+/// spill to the heap. Code that only reads ranges takes `&[GuestRange]`.
+pub type Ranges = SmallVec<[GuestRange; RANGES_INLINE]>;
+
+/// Takes bytes `skip..skip+len` of a list of ranges, returning them as ranges.
+pub fn take_ranges(ranges: &[GuestRange], skip: u64, len: u64) -> Ranges {
     iter_ranges(ranges, skip, len).collect()
 }
 

@@ -19,7 +19,7 @@ use virtio_queue::DescriptorChain;
 
 #[cfg(test)]
 use crate::guest::write_ranges;
-use crate::guest::{read_ranges, take_ranges, GuestRange};
+use crate::guest::{read_ranges, take_ranges, GuestRange, Ranges};
 use vm_memory::{GuestAddress, GuestMemory};
 
 /// Size in bytes of `struct virtio_blk_outhdr` (type, reserved/ioprio, sector).
@@ -92,7 +92,7 @@ pub struct RawRequest {
     /// Data buffer in chain order: device-readable bytes after the header for
     /// WRITE, DISCARD and WRITE_ZEROES; device-writable bytes before the status
     /// byte for READ and GET_ID.
-    pub data: Vec<GuestRange>,
+    pub data: Ranges,
     /// Total length of `data` in bytes (a chain may add up to more than
     /// 4 GiB; [`crate::virtio_blk::request::parse`] refuses that).
     pub data_len: u64,
@@ -175,8 +175,8 @@ where
 {
     let head = chain.head_index();
     let mem = chain.memory();
-    let mut readable: Vec<GuestRange> = Vec::new();
-    let mut writable: Vec<GuestRange> = Vec::new();
+    let mut readable = Ranges::new();
+    let mut writable = Ranges::new();
     let mut error = None;
     // The whole chain is walked, also past MAX_SEGMENTS (virtio-queue bounds
     // it by the table size), to find where it really ends: the status byte

@@ -38,7 +38,7 @@ fn parse_indirect(mem: &Mem, descs: &[D]) -> Result<RawRequest, BadRequest> {
     parse_chain(&q.build_desc_chain(&[table]).unwrap())
 }
 
-fn ranges(v: &[(u64, u32)]) -> Vec<GuestRange> {
+fn ranges(v: &[(u64, u32)]) -> Ranges {
     v.iter()
         .map(|&(addr, len)| GuestRange { addr, len })
         .collect()

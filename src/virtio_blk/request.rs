@@ -22,7 +22,7 @@ use vm_memory::{GuestAddress, GuestMemory};
 
 use super::chain::{parse_chain, ParseError, RawRequest, RequestType, SEGMENT_LEN};
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
-use crate::guest::{read_ranges, GuestRange, Sector, SECTOR_SIZE};
+use crate::guest::{read_ranges, Ranges, Sector, SECTOR_SIZE};
 
 /// What a request is checked against: the device as the driver sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +126,7 @@ pub struct Request {
     /// The data buffer in chain order, guest-physical: READ destination,
     /// WRITE source, GET_ID answer (empty for the others: DISCARD and
     /// WRITE_ZEROES segments are already in the [`Command`]).
-    pub data: Vec<GuestRange>,
+    pub data: Ranges,
     /// Total length of `data` in bytes.
     pub data_len: u32,
 }
@@ -263,7 +263,7 @@ where
     match check(chain.memory(), &raw, limits) {
         Ok(command) => {
             let data = match command {
-                Command::Discard(_) | Command::WriteZeroes(_) | Command::Flush => Vec::new(),
+                Command::Discard(_) | Command::WriteZeroes(_) | Command::Flush => Ranges::new(),
                 _ => raw.data,
             };
             let data_len: u64 = data.iter().map(|r| u64::from(r.len)).sum();

@@ -12,7 +12,7 @@ use super::events::emit;
 use super::job::{Io, Job, Stage};
 use super::memory::with_guest_view;
 use super::QueueWorker;
-use crate::guest::{read_ranges, take_ranges, SECTOR_SIZE};
+use crate::guest::{iter_ranges, read_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
 use crate::integrity::{crc32c, crc32c_append, BLOCK_SIZE};
 use crate::report::{
@@ -126,8 +126,8 @@ impl QueueWorker {
                 );
                 return false;
             }
-            let ranges = take_ranges(&f.req.data, off, n as u64);
-            if sigbus::lost(&f.mem, ranges.iter().map(|r| (r.addr, u64::from(r.len)))) {
+            let ranges = iter_ranges(&f.req.data, off, n as u64);
+            if sigbus::lost(&f.mem, ranges.map(|r| (r.addr, u64::from(r.len)))) {
                 return false;
             }
             if !each(off, window) {

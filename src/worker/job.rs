@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::GuestMem;
@@ -93,10 +94,16 @@ pub(super) enum Io {
     Segments(Vec<Segment>),
 }
 
+/// A transfer's host iovecs: up to 4 inline (a request with a handful of
+/// data descriptors allocates nothing for them), more on the heap. Inline,
+/// they live inside the [`Job`]: that is why [`Slots`] never moves a job
+/// while it is in a slot.
+pub(super) type IoVecs = SmallVec<[IoVec; 4]>;
+
 /// A READ's or WRITE's transfer.
 pub(super) struct Transfer {
     /// Host buffers: into guest memory (zero-copy) or the bounce buffer.
-    pub iov: Vec<IoVec>,
+    pub iov: IoVecs,
     /// First iovec not yet fully transferred (short transfers).
     pub iov_start: usize,
     /// Image byte offset of the next transfer.
@@ -170,9 +177,19 @@ impl BounceBuf {
 
 /// Jobs by slot: O(1) insert, lookup and removal; a slot number names a job
 /// in the storage engine's tags.
+///
+/// A job does not move while it is in its slot: each slot is a box of its
+/// own, allocated when the slot is first used and reused after, so growing
+/// the table moves only the boxes' pointers. The storage engine reads a
+/// transfer's iovec array, inline in the job ([`IoVecs`]), until the job's
+/// last completion is reaped.
 #[derive(Default)]
 pub(super) struct Slots {
-    slots: Vec<Option<Job>>,
+    #[allow(
+        clippy::vec_box,
+        reason = "boxed so a job stays put when the Vec grows (its iovecs are inline)"
+    )]
+    slots: Vec<Box<Option<Job>>>,
     free: Vec<u32>,
     len: usize,
 }
@@ -182,18 +199,20 @@ impl Slots {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
-                self.slots.push(None);
+                self.slots.push(Box::new(None));
                 (self.slots.len() - 1) as u32
             }
         };
-        self.slots[slot as usize] = Some(job);
+        *self.slots[slot as usize] = Some(job);
         self.len += 1;
         slot
     }
 
     /// The job in `slot`, if any.
     pub fn get_mut(&mut self, slot: u32) -> Option<&mut Job> {
-        self.slots.get_mut(slot as usize).and_then(Option::as_mut)
+        self.slots
+            .get_mut(slot as usize)
+            .and_then(|s| (**s).as_mut())
     }
 
     pub(super) fn take(&mut self, slot: u32) -> Option<Job> {
@@ -205,7 +224,7 @@ impl Slots {
 
     /// The jobs held, in slot order.
     pub fn iter(&self) -> impl Iterator<Item = &Job> {
-        self.slots.iter().flatten()
+        self.slots.iter().filter_map(|s| (**s).as_ref())
     }
 
     /// Jobs held.
@@ -242,8 +261,8 @@ pub(super) fn advance(t: &mut Transfer, mut n: u64) -> bool {
 }
 
 /// Translates guest-physical ranges to host iovecs into mapped guest memory.
-pub(super) fn host_iovecs(mem: &GuestMem, ranges: &[GuestRange]) -> Result<Vec<IoVec>, String> {
-    let mut iov = Vec::with_capacity(ranges.len());
+pub(super) fn host_iovecs(mem: &GuestMem, ranges: &[GuestRange]) -> Result<IoVecs, String> {
+    let mut iov = IoVecs::with_capacity(ranges.len());
     for r in ranges {
         for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(r.addr), r.len as usize) {
             let slice = slice.map_err(|e| format!("buffer {r} is outside guest memory: {e}"))?;
@@ -290,4 +309,72 @@ pub(super) fn lba_blocks(req: &Request) -> Option<(std::ops::Range<u64>, Access)
             access,
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use smallvec::smallvec;
+
+    use super::*;
+    use crate::guest::{Ranges, Sector};
+    use crate::worker::test_util::guest_memory;
+
+    fn read_job(id: u64, mem: &Arc<GuestMem>) -> Job {
+        Job {
+            id,
+            req: Request {
+                head: 0,
+                status_addr: GuestAddress(0),
+                command: Command::Read { sector: Sector(0) },
+                data: Ranges::new(),
+                data_len: 512,
+            },
+            mem: mem.clone(),
+            pin: None,
+            status: 0,
+            stage: Stage::Pinned,
+            io: Io::Transfer(Transfer {
+                iov: smallvec![IoVec {
+                    base: 0x1000,
+                    len: 512,
+                }],
+                iov_start: 0,
+                offset: 0,
+                remaining: 512,
+                bounce: None,
+                submitted_crcs: Vec::new(),
+                block_crcs: Vec::new(),
+            }),
+            range: None,
+            intent: None,
+        }
+    }
+
+    /// The storage engine reads a transfer's iovec array, inline in the
+    /// job, until the job's last completion: the job must stay where it is
+    /// while later jobs take new slots and freed ones.
+    #[test]
+    fn a_job_does_not_move_while_in_its_slot() {
+        let (_, mem) = guest_memory();
+        let mut slots = Slots::default();
+        let first = slots.insert(read_job(0, &mem));
+        let iov_at = |slots: &mut Slots| {
+            let t = slots.get_mut(first).unwrap().transfer().unwrap();
+            assert!(!t.iov.spilled(), "one iovec is held inline");
+            t.iov.as_ptr()
+        };
+        let at = iov_at(&mut slots);
+        let later: Vec<u32> = (1..100)
+            .map(|id| slots.insert(read_job(id, &mem)))
+            .collect();
+        assert_eq!(iov_at(&mut slots), at);
+        for s in later.iter().step_by(2) {
+            slots.take(*s).unwrap();
+        }
+        for id in 100..200 {
+            slots.insert(read_job(id, &mem));
+        }
+        assert_eq!(iov_at(&mut slots), at);
+        assert_eq!(slots.len(), 150);
+    }
 }

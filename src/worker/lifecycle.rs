@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use smallvec::smallvec;
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 use super::events::{conflict_event, emit};
@@ -269,7 +270,7 @@ impl QueueWorker {
         }
         if let Io::Transfer(t) = &mut job.io {
             t.submitted_crcs = crcs;
-            t.iov = vec![IoVec {
+            t.iov = smallvec![IoVec {
                 base: b.bytes().as_ptr() as usize,
                 len: b.len(),
             }];
@@ -286,9 +287,10 @@ impl QueueWorker {
         let job = self.jobs.get_mut(slot).expect("issued slot is in use");
         let mut ops = 0u16;
         let mut push = |engine: &mut crate::storage::Engine, op: Op<'_>| {
-            // SAFETY: a transfer's iovecs live in the job's `Transfer`, which
-            // stays in its slot (not moved: the Vec is not touched) until the
-            // last completion of the job is reaped; each iovec points into
+            // SAFETY: a transfer's iovecs live in the job's `Transfer` (inline,
+            // or on the heap past four), which stays in its slot, neither
+            // moved (`Slots` boxes every slot) nor touched, until the last
+            // completion of the job is reaped; each iovec points into
             // guest memory kept mapped by the job's `mem` (an Arc) or into its
             // bounce buffer, owned by the same `Transfer`. Other ops carry no
             // pointers.
