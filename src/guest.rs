@@ -14,7 +14,10 @@
 use std::fmt;
 
 use smallvec::SmallVec;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, MemoryRegionAddress,
+};
 
 /// The dirty-page log of one guest memory region (vhost-user spec,
 /// "Migration" and "Log"): one bit per 4 KiB page of guest-physical memory,
@@ -140,7 +143,6 @@ pub fn iter_ranges(
 /// skipped.
 pub fn mark_dirty(mem: &GuestMem, ranges: &[GuestRange]) {
     use vm_memory::bitmap::Bitmap;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     for r in ranges {
         let (mut addr, end) = (r.addr, r.end());
         while addr < end {
@@ -155,6 +157,37 @@ pub fn mark_dirty(mem: &GuestMem, ranges: &[GuestRange]) {
     }
 }
 
+/// The region of `mem` that holds all of the `len` bytes (`len > 0`) at
+/// guest-physical `addr`, and the offset of `addr` in it: the fast path of
+/// address translation, one region lookup for the common buffer. `None` if
+/// the range is empty, reaches outside guest memory or spans regions: the
+/// caller then takes vm-memory's general path (`get_slices`), which splits
+/// it or reports the error as it always did.
+pub fn one_region<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    addr: u64,
+    len: u64,
+) -> Option<(&M::R, u64)> {
+    if len == 0 {
+        return None;
+    }
+    let region = mem.find_region(GuestAddress(addr))?;
+    // `find_region` returned the region holding `addr`: no underflow.
+    let offset = addr - region.start_addr().0;
+    (len <= region.len() - offset).then_some((region, offset))
+}
+
+/// Whether the `len` bytes at guest-physical `addr` all lie in guest memory
+/// (vm-memory's `GuestMemory::check_range` for read and write access), with
+/// one region lookup when they lie in one region.
+pub fn range_in_memory<M: GuestMemory + ?Sized>(mem: &M, addr: GuestAddress, len: usize) -> bool {
+    let in_one = mem
+        .physical_memory()
+        .and_then(|m| one_region(m, addr.0, len as u64))
+        .is_some();
+    in_one || mem.check_range(addr, len, vm_memory::Permissions::ReadWrite)
+}
+
 /// Reads `buf.len()` bytes starting at byte `offset` of a list of guest ranges.
 pub fn read_ranges<M: GuestMemory + ?Sized>(
     mem: &M,
@@ -165,13 +198,21 @@ pub fn read_ranges<M: GuestMemory + ?Sized>(
     let mut done = 0usize;
     for r in iter_ranges(ranges, offset, buf.len() as u64) {
         let n = r.len as usize;
-        mem.read_slice(&mut buf[done..done + n], GuestAddress(r.addr))?;
+        let dst = &mut buf[done..done + n];
+        match mem
+            .physical_memory()
+            .and_then(|m| one_region(m, r.addr, n as u64))
+        {
+            Some((region, off)) => region.read_slice(dst, MemoryRegionAddress(off))?,
+            None => mem.read_slice(dst, GuestAddress(r.addr))?,
+        }
         done += n;
     }
     Ok(())
 }
 
-/// Writes `buf` starting at byte `offset` of a list of guest ranges.
+/// Writes `buf` starting at byte `offset` of a list of guest ranges. Either
+/// path writes through vm-memory, which marks the pages in the dirty log.
 pub fn write_ranges<M: GuestMemory + ?Sized>(
     mem: &M,
     ranges: &[GuestRange],
@@ -181,8 +222,106 @@ pub fn write_ranges<M: GuestMemory + ?Sized>(
     let mut done = 0usize;
     for r in iter_ranges(ranges, offset, buf.len() as u64) {
         let n = r.len as usize;
-        mem.write_slice(&buf[done..done + n], GuestAddress(r.addr))?;
+        let src = &buf[done..done + n];
+        match mem
+            .physical_memory()
+            .and_then(|m| one_region(m, r.addr, n as u64))
+        {
+            Some((region, off)) => region.write_slice(src, MemoryRegionAddress(off))?,
+            None => mem.write_slice(src, GuestAddress(r.addr))?,
+        }
         done += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{GuestAddress, GuestMemory, GuestMemoryRegion, Permissions};
+
+    use super::{one_region, range_in_memory, read_ranges, write_ranges, GuestMem, GuestRange};
+
+    /// 0..0x4000 and 0x4000..0x8000 (adjacent), then a hole, then 0x10000..0x11000.
+    fn two_regions_and_a_hole() -> GuestMem {
+        GuestMem::from_ranges(&[
+            (GuestAddress(0), 0x4000),
+            (GuestAddress(0x4000), 0x4000),
+            (GuestAddress(0x10000), 0x1000),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn one_region_only_for_a_nonempty_range_inside_one_region() {
+        let mem = two_regions_and_a_hole();
+        let (region, off) = one_region(&mem, 0x4100, 0x200).unwrap();
+        assert_eq!((region.start_addr(), off), (GuestAddress(0x4000), 0x100));
+        assert_eq!(one_region(&mem, 0x3000, 0x1000).unwrap().1, 0x3000);
+        assert!(
+            one_region(&mem, 0x3f00, 0x200).is_none(),
+            "spans two regions"
+        );
+        assert!(
+            one_region(&mem, 0x7f00, 0x200).is_none(),
+            "runs into the hole"
+        );
+        assert!(one_region(&mem, 0x8000, 1).is_none(), "in the hole");
+        assert!(one_region(&mem, 0x10f00, 0x200).is_none(), "past the end");
+        assert!(one_region(&mem, u64::MAX, 1).is_none());
+        assert!(one_region(&mem, 0x100, 0).is_none(), "empty");
+    }
+
+    /// The fast path answers exactly as vm-memory's `check_range`.
+    #[test]
+    fn range_in_memory_is_check_range() {
+        let mem = two_regions_and_a_hole();
+        let cases = [
+            (0x100, 0x200),
+            (0x3f00, 0x200),
+            (0x0, 0x8000),
+            (0x7f00, 0x200),
+            (0x8000, 1),
+            (0x10000, 0x1000),
+            (0x10f00, 0x200),
+            (0x8000, 0),
+            (u64::MAX, 1),
+            (u64::MAX - 0xfff, 0x1000),
+        ];
+        for (addr, len) in cases {
+            let want =
+                GuestMemory::check_range(&mem, GuestAddress(addr), len, Permissions::ReadWrite);
+            assert_eq!(
+                range_in_memory(&mem, GuestAddress(addr), len),
+                want,
+                "{addr:#x}+{len:#x}"
+            );
+        }
+        assert!(range_in_memory(&mem, GuestAddress(0x3f00), 0x200));
+        assert!(!range_in_memory(&mem, GuestAddress(0x7f00), 0x200));
+    }
+
+    #[test]
+    fn read_and_write_ranges_within_and_across_regions() {
+        let mem = two_regions_and_a_hole();
+        let at = |addr, len| GuestRange { addr, len };
+        // One range inside a region, one over the border, one in the last region.
+        let ranges = [at(0x100, 0x100), at(0x3f80, 0x100), at(0x10000, 0x80)];
+        let bytes: Vec<u8> = (0..0x280u32).map(|i| (i * 13 % 251) as u8).collect();
+        write_ranges(&mem, &ranges, 0, &bytes).unwrap();
+        let mut back = vec![0u8; bytes.len()];
+        read_ranges(&mem, &ranges, 0, &mut back).unwrap();
+        assert_eq!(back, bytes);
+        let mut mid = vec![0u8; 0x100];
+        read_ranges(&mem, &ranges, 0x80, &mut mid).unwrap();
+        assert_eq!(mid, bytes[0x80..0x180]);
+        let mut direct = vec![0u8; 0x100];
+        vm_memory::Bytes::read_slice(&mem, &mut direct, GuestAddress(0x3f80)).unwrap();
+        assert_eq!(direct, bytes[0x100..0x200]);
+        // Past the end of guest memory, or into the hole: the error as before.
+        for r in [at(0x10f80, 0x100), at(0x7f80, 0x100), at(0x9000, 0x10)] {
+            let mut buf = vec![0u8; r.len as usize];
+            assert!(read_ranges(&mem, &[r], 0, &mut buf).is_err(), "{r}");
+            assert!(write_ranges(&mem, &[r], 0, &buf).is_err(), "{r}");
+        }
+    }
 }

@@ -19,7 +19,7 @@ use virtio_queue::DescriptorChain;
 
 #[cfg(test)]
 use crate::guest::write_ranges;
-use crate::guest::{read_ranges, take_ranges, GuestRange, Ranges};
+use crate::guest::{range_in_memory, read_ranges, take_ranges, GuestRange, Ranges};
 use vm_memory::{GuestAddress, GuestMemory};
 
 /// Size in bytes of `struct virtio_blk_outhdr` (type, reserved/ioprio, sector).
@@ -214,11 +214,7 @@ where
             error.get_or_insert(ParseError::TooManyDescriptors);
             continue;
         }
-        if !mem.check_range(
-            desc.addr(),
-            desc.len() as usize,
-            vm_memory::Permissions::ReadWrite,
-        ) {
+        if !range_in_memory(mem, desc.addr(), desc.len() as usize) {
             error.get_or_insert(ParseError::BadAddress {
                 addr: range.addr,
                 len: range.len,
@@ -263,7 +259,7 @@ where
                     writable.pop();
                 }
             }
-            let status_ok = mem.check_range(addr, 1, vm_memory::Permissions::ReadWrite);
+            let status_ok = range_in_memory(mem, addr, 1);
             status_ok.then_some(addr)
         }
         _ => None,

@@ -3,7 +3,8 @@
 use super::*;
 use crate::guest::GuestMem as Mem;
 use crate::virtio_blk::test_util::{
-    guest_mmap as mem, indirect_table, outhdr, r, raw, w, D, MEM_SIZE,
+    guest_mmap as mem, guest_mmap_two_regions, indirect_table, outhdr, r, raw, w, D, MEM_SIZE,
+    REGION_BORDER,
 };
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_queue::desc::RawDescriptor;
@@ -392,6 +393,48 @@ fn address_outside_guest_memory() {
         assert_eq!(b.error, ParseError::BadAddress { addr, len });
         assert_eq!(b.status_addr, None);
     }
+}
+
+/// Descriptors inside one region take one region lookup; one over the
+/// border of two regions is checked (and the header read) piece by piece:
+/// both parse alike, and what lies outside guest memory is still refused.
+#[test]
+fn descriptors_across_a_region_border() {
+    let m = guest_mmap_two_regions();
+    // The header over the border, the data over it, the status just below it.
+    let h = REGION_BORDER - 8;
+    m.write_slice(&outhdr(VIRTIO_BLK_T_IN, 99), GuestAddress(h))
+        .unwrap();
+    let data = REGION_BORDER - 0x800;
+    let req = parse(&m, &[r(h, 16), w(data, 4096), w(REGION_BORDER - 1, 1)]).unwrap();
+    assert_eq!((req.kind, req.sector), (RequestType::In, 99));
+    assert_eq!(req.data, ranges(&[(data, 4096)]));
+    assert_eq!(req.status_addr, GuestAddress(REGION_BORDER - 1));
+    // The status byte as the last byte of a data descriptor over the border.
+    let req = parse(&m, &[r(h, 16), w(data, 4097)]).unwrap();
+    assert_eq!(req.data, ranges(&[(data, 4096)]));
+    assert_eq!(req.status_addr, GuestAddress(data + 4096));
+    // In the second region, and straddling the end of guest memory.
+    hdr(&m, REGION_BORDER + HDR, VIRTIO_BLK_T_IN, 5);
+    let ok = parse(
+        &m,
+        &[
+            r(REGION_BORDER + HDR, 16),
+            w(REGION_BORDER + DATA, 512),
+            w(STATUS, 1),
+        ],
+    )
+    .unwrap();
+    assert_eq!(ok.sector, 5);
+    let b = bad(parse(&m, &[r(h, 16), w(MEM_SIZE - 256, 512), w(STATUS, 1)]));
+    assert_eq!(
+        b.error,
+        ParseError::BadAddress {
+            addr: MEM_SIZE - 256,
+            len: 512
+        }
+    );
+    assert_eq!(b.status_addr, Some(GuestAddress(STATUS)));
 }
 
 #[test]

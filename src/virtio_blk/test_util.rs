@@ -17,6 +17,21 @@ pub(crate) fn guest_mmap() -> GuestMem {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
 }
 
+/// Where [`guest_mmap_two_regions`] splits guest memory.
+pub(crate) const REGION_BORDER: u64 = MEM_SIZE / 2;
+/// `MEM_SIZE` bytes of guest memory at 0 as two adjacent regions, split at
+/// [`REGION_BORDER`]: buffers over the border take the translation's slow path.
+pub(crate) fn guest_mmap_two_regions() -> GuestMem {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), REGION_BORDER as usize),
+        (
+            GuestAddress(REGION_BORDER),
+            (MEM_SIZE - REGION_BORDER) as usize,
+        ),
+    ])
+    .unwrap()
+}
+
 /// A descriptor as the driver sees it: (guest address, length, device-writable).
 pub(crate) type D = (u64, u32, bool);
 

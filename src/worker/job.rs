@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use smallvec::SmallVec;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::GuestMem;
-use crate::guest::GuestRange;
+use crate::guest::{one_region, GuestRange};
 use crate::integrity::ranges::{Access, RangeTicket};
 use crate::integrity::FlushTicket;
 use crate::integrity::BLOCK_SIZE;
@@ -261,9 +261,21 @@ pub(super) fn advance(t: &mut Transfer, mut n: u64) -> bool {
 }
 
 /// Translates guest-physical ranges to host iovecs into mapped guest memory.
+/// A range inside one region (the common case) takes one region lookup;
+/// one over a region border, or outside guest memory, goes through
+/// vm-memory's `get_slices` (one iovec per region, or the error).
 pub(super) fn host_iovecs(mem: &GuestMem, ranges: &[GuestRange]) -> Result<IoVecs, String> {
     let mut iov = IoVecs::with_capacity(ranges.len());
     for r in ranges {
+        if let Some((region, offset)) = one_region(mem, r.addr, u64::from(r.len)) {
+            if let Ok(host) = region.get_host_address(MemoryRegionAddress(offset)) {
+                iov.push(IoVec {
+                    base: host as usize,
+                    len: r.len as usize,
+                });
+                continue;
+            }
+        }
         for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(r.addr), r.len as usize) {
             let slice = slice.map_err(|e| format!("buffer {r} is outside guest memory: {e}"))?;
             iov.push(IoVec {
@@ -347,6 +359,37 @@ mod tests {
             }),
             range: None,
             intent: None,
+        }
+    }
+
+    /// A range inside one region becomes one iovec at its host address; one
+    /// over a region border one per region; one outside guest memory an error.
+    #[test]
+    fn host_iovecs_within_and_across_regions() {
+        let mem =
+            GuestMem::from_ranges(&[(GuestAddress(0), 0x4000), (GuestAddress(0x4000), 0x4000)])
+                .unwrap();
+        let host =
+            |a| GuestMemoryBackend::get_host_address(&mem, GuestAddress(a)).unwrap() as usize;
+        let at = |addr, len| GuestRange { addr, len };
+        let iov = host_iovecs(
+            &mem,
+            &[at(0x100, 0x200), at(0x3f00, 0x200), at(0x4000, 0x4000)],
+        )
+        .unwrap();
+        let got: Vec<(usize, usize)> = iov.iter().map(|v| (v.base, v.len)).collect();
+        assert_eq!(
+            got,
+            [
+                (host(0x100), 0x200),
+                (host(0x3f00), 0x100),
+                (host(0x4000), 0x100),
+                (host(0x4000), 0x4000),
+            ]
+        );
+        for r in [at(0x7f00, 0x200), at(0x8000, 1), at(u64::MAX, 1)] {
+            let err = host_iovecs(&mem, &[at(0x100, 0x200), r]).unwrap_err();
+            assert!(err.contains("outside guest memory"), "{r}: {err}");
         }
     }
 

@@ -4,11 +4,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::job::Job;
 use super::{GuestMem, QueueWorker};
-use crate::guest::GuestRange;
+use crate::guest::{one_region, GuestRange};
 use crate::sigbus;
 
 /// Host slices of a request's buffer kept on the stack by [`with_guest_view`]
@@ -92,7 +92,28 @@ pub(super) fn with_guest_view<R>(
     let mut inline: [&[u8]; VIEW_INLINE] = [&[]; VIEW_INLINE];
     let mut spilled: Vec<&[u8]> = Vec::new();
     let mut n = 0;
+    let mut push = |view| {
+        if n < VIEW_INLINE {
+            inline[n] = view;
+        } else {
+            if spilled.is_empty() {
+                spilled.extend_from_slice(&inline);
+            }
+            spilled.push(view);
+        }
+        n += 1;
+    };
     for r in ranges {
+        // The common range lies in one region: one lookup, no slice iterator.
+        if let Some((region, offset)) = one_region(mem, r.addr, u64::from(r.len)) {
+            if let Ok(host) = region.get_host_address(MemoryRegionAddress(offset)) {
+                // SAFETY: `one_region` checked that `region` holds all `r.len`
+                // bytes from `offset`, so `host..host+r.len` is inside its
+                // mapping; otherwise as for a slice of `get_slices` below.
+                push(unsafe { std::slice::from_raw_parts(host.cast_const(), r.len as usize) });
+                continue;
+            }
+        }
         for slice in mem.get_slices(GuestAddress(r.addr), r.len as usize) {
             let slice = slice.map_err(|e| format!("buffer {r} is outside guest memory: {e}"))?;
             // SAFETY: `slice` is a host range inside one mapped region of
@@ -108,17 +129,7 @@ pub(super) fn with_guest_view<R>(
             // a truncated memfd faults, and the SIGBUS handler maps zeroes
             // there (`crate::sigbus`): the read completes and the caller
             // drops its result after `sigbus::lost`.
-            let view =
-                unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), slice.len()) };
-            if n < VIEW_INLINE {
-                inline[n] = view;
-            } else {
-                if spilled.is_empty() {
-                    spilled.extend_from_slice(&inline);
-                }
-                spilled.push(view);
-            }
-            n += 1;
+            push(unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), slice.len()) });
         }
     }
     Ok(if n <= VIEW_INLINE {
@@ -166,7 +177,7 @@ pub(super) fn guest_memory_lost(queue: u16, job: &Job) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
     use super::{gather, with_guest_view, GuestMem, VIEW_INLINE};
     use crate::guest::GuestRange;
@@ -201,6 +212,11 @@ mod tests {
         }
         let n = with_guest_view(&mem, &across, |v| v.len()).unwrap();
         assert_eq!(n, 2, "one slice per region");
+        // Inside one region: one slice, at the range's host address.
+        let inside = [at(0x4100, 0x200)];
+        let p = with_guest_view(&mem, &inside, |v| (v.len(), v[0].as_ptr())).unwrap();
+        let host = GuestMemoryBackend::get_host_address(&mem, GuestAddress(0x4100)).unwrap();
+        assert_eq!(p, (1, host.cast_const()));
         // Outside guest memory: an error, `f` not called.
         let err = with_guest_view(&mem, &[at(0x7f00, 0x200)], |_| panic!("called"));
         assert!(err.is_err());

@@ -30,10 +30,11 @@ use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Device, QueueCounters};
+use crate::guest::{write_ranges, GuestRange};
 pub use crate::guest::{GuestMem, GuestMemAtomic};
 use crate::storage::{Engine, Tag};
 use job::Slots;
@@ -411,7 +412,12 @@ impl QueueWorker {
             return;
         }
         if let Some(addr) = status_addr {
-            if let Err(e) = mem.write_obj(status, addr) {
+            // Through vm-memory (which marks the dirty log), one region lookup.
+            let at = [GuestRange {
+                addr: addr.0,
+                len: 1,
+            }];
+            if let Err(e) = write_ranges(mem, &at, 0, &[status]) {
                 log::warn!(
                     "queue {}: cannot write status byte at {:#x}: {e}",
                     self.index,
