@@ -607,6 +607,11 @@ fn backends(opts: &Opts, notes: &mut Vec<String>) -> Vec<BackendSpec> {
             &["--checksum", "off"],
         ),
         (
+            "pinblk --checksum off --poll-max-us 0 (no polling)",
+            &["--checksum", "--poll-max-us"],
+            &["--checksum", "off", "--poll-max-us", "0"],
+        ),
+        (
             "pinblk checksums on, range tracking off",
             &["--range-tracking"],
             &["--range-tracking", "off"],
@@ -620,6 +625,11 @@ fn backends(opts: &Opts, notes: &mut Vec<String>) -> Vec<BackendSpec> {
             "pinblk --null --checksum off (reference)",
             &["--null"],
             &["--null", "--checksum", "off"],
+        ),
+        (
+            "pinblk --null --checksum off --poll-max-us 0 (no polling)",
+            &["--null", "--poll-max-us"],
+            &["--null", "--checksum", "off", "--poll-max-us", "0"],
         ),
     ];
     for (name, needs, args) in configs {

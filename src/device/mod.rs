@@ -24,10 +24,12 @@ use crate::storage::{Image, ImageOptions};
 use crate::virtio_blk::config::DeviceConfig;
 
 mod error;
+mod parts;
 mod runtime;
 mod topology;
 
 pub use error::DeviceError;
+pub use parts::DeviceParts;
 pub use runtime::RuntimeSettings;
 
 /// Most request virtqueues a device has.
@@ -38,6 +40,8 @@ pub const MAX_QUEUES: u16 = 64;
 pub const MAX_CONNECTIONS: u16 = 2;
 /// Smallest and largest virtqueue size accepted (a power of two), in entries.
 pub const QUEUE_SIZE_RANGE: std::ops::RangeInclusive<u16> = 2..=1024;
+/// Default [`DeviceOptions::poll_max`]: 32 µs, QEMU's default `poll-max-ns`.
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(32);
 
 /// Everything a device needs, built by the caller (the command line, a test)
 /// and given to [`Device::open`]. [`DeviceOptions::new`] has the defaults of
@@ -83,6 +87,9 @@ pub struct DeviceOptions {
     /// Largest READ or WRITE data buffer in bytes ([`DeviceConfig::max_transfer`]):
     /// at least `(queue_size - 2)` × 4 KiB ([`DeviceOptions::min_max_transfer`]).
     pub max_transfer: u32,
+    /// Longest a queue worker busy-polls its ring and storage for more work
+    /// before sleeping in epoll (adaptive, from 0; `ZERO`: never polls).
+    pub poll_max: Duration,
 }
 
 impl DeviceOptions {
@@ -114,6 +121,7 @@ impl DeviceOptions {
             on_mismatch: OnMismatch::Report,
             report: None,
             max_transfer: DEFAULT_MAX_TRANSFER,
+            poll_max: DEFAULT_POLL_MAX,
         }
     }
 
@@ -199,45 +207,6 @@ pub struct Counters {
     pub dropped: u64,
 }
 
-/// The parts of a [`Device`] beyond its config and image, already built:
-/// what [`Device::open`] builds from a [`DeviceOptions`], given directly by
-/// tests. [`DeviceParts::default`] has the defaults of `pinblk serve` with no
-/// report file and no checksum store.
-pub struct DeviceParts {
-    /// READ and WRITE complete without touching the image.
-    pub null: bool,
-    /// Pin READ and WRITE buffers and check them for conflicts.
-    pub pin_tracking: bool,
-    /// A pin held longer than this counts as long-term; the [`PinTracker`]
-    /// is built with it (one per device, one slot per queue).
-    pub longterm_after: Duration,
-    /// What to do about conflicts.
-    pub policy: PolicyConfig,
-    /// Where events go.
-    pub report: ReportWriter,
-    /// The open checksum store, or `None` (no checksums).
-    pub store: Option<ChecksumStore>,
-    /// With a store: LBA range locks and the write-intent record.
-    pub range_tracking: bool,
-    /// What a READ of a block that fails verification gets.
-    pub on_mismatch: OnMismatch,
-}
-
-impl Default for DeviceParts {
-    fn default() -> Self {
-        DeviceParts {
-            null: false,
-            pin_tracking: true,
-            longterm_after: Duration::from_secs(1),
-            policy: PolicyConfig::default(),
-            report: ReportWriter::open(None).expect("a report without a file cannot fail"),
-            store: None,
-            range_tracking: true,
-            on_mismatch: OnMismatch::Report,
-        }
-    }
-}
-
 /// One served block device. Built once ([`Device::open`] or
 /// [`Device::from_parts`]) and never changed after, except the settings of
 /// [`Device::runtime`] (atomics the control socket sets); shared by every
@@ -256,6 +225,7 @@ pub struct Device {
     ranges: Option<RangeLocks>,
     runtime: RuntimeSettings,
     next_request_id: AtomicU64,
+    poll_max: Duration,
 }
 
 impl Device {
@@ -350,6 +320,7 @@ impl Device {
                 store,
                 range_tracking: opts.range_tracking,
                 on_mismatch: opts.on_mismatch,
+                poll_max: opts.poll_max,
             },
         ))
     }
@@ -374,6 +345,7 @@ impl Device {
             store: parts.store,
             runtime: RuntimeSettings::new(&parts.policy, parts.on_mismatch),
             next_request_id: AtomicU64::new(1),
+            poll_max: parts.poll_max,
         }
     }
 
@@ -417,6 +389,11 @@ impl Device {
     /// `--null`: READ and WRITE complete without touching the image.
     pub fn null(&self) -> bool {
         self.null
+    }
+
+    /// Longest a queue worker busy-polls before sleeping (`--poll-max-us`).
+    pub fn poll_max(&self) -> Duration {
+        self.poll_max
     }
 
     /// Pins of every in-flight READ and WRITE, all queues.

@@ -197,6 +197,21 @@ impl Engine {
         matches!(self, Engine::Null(_))
     }
 
+    /// Whether completions may be waiting to be reaped, checked without a
+    /// system call (for busy-polling): the completion queue is not empty,
+    /// or the kernel flagged completion work that runs at this thread's
+    /// next system call (`IORING_SQ_TASKRUN`: with COOP_TASKRUN completions
+    /// are posted then; reading the completion eventfd is one). The null
+    /// engine's own completions are reaped inline, but counted too.
+    pub fn has_completions(&mut self) -> bool {
+        match self {
+            Engine::Uring(u) => u.has_completions(),
+            Engine::Null(n) => !n.ready.is_empty() || n.uring.has_completions(),
+            #[cfg(test)]
+            Engine::Fake(f) => f.has_completions(),
+        }
+    }
+
     /// Gives the engine (its own duplicate of) the checksum store's file,
     /// for [`Op::SyncStore`].
     ///
@@ -318,9 +333,12 @@ impl UringEngine {
         // COOP_TASKRUN (Linux 5.19+): completions are not pushed to this
         // thread by IPI but run at its next kernel entry; the profile showed
         // those interrupts and task switches as the largest cost. Older
-        // kernels refuse the flag: fall back to a plain ring.
+        // kernels refuse the flag: fall back to a plain ring. TASKRUN_FLAG
+        // (also 5.19) tells a busy-polling worker that completions wait for
+        // its next kernel entry ([`Engine::has_completions`]).
         let ring = IoUring::builder()
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(entries)
             .or_else(|_| IoUring::new(entries))?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
@@ -389,6 +407,10 @@ impl UringEngine {
             // Submission queue full: hand what we have to the kernel.
             submit(&mut self.ring);
         }
+    }
+
+    fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
     }
 
     fn reap(&mut self, out: &mut Vec<(Tag, i32)>) {

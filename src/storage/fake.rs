@@ -170,6 +170,11 @@ impl FakeEngine {
         }
     }
 
+    /// Completed operations are waiting (timers are not looked at).
+    pub(super) fn has_completions(&self) -> bool {
+        !self.handle.lock().ready.is_empty()
+    }
+
     pub(super) fn reap(&mut self, out: &mut Vec<(Tag, i32)>) {
         let mut st = self.handle.lock();
         let now = Instant::now();

@@ -326,13 +326,18 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let mut worker = self.worker(thread_id);
+        worker.woke();
         if u64::from(device_event) == self.completion_event_id() {
             worker.complete(vring);
         } else if usize::from(device_event) < vrings.len() {
             worker.process_queue(vring);
         } else {
             log::warn!("queue {thread_id}: unknown event {device_event}");
+            return Ok(());
         }
+        // Busy-poll for what follows closely before going back to epoll
+        // (bounded; docs/DESIGN.md §8 "Polling").
+        worker.poll(vring);
         Ok(())
     }
 }

@@ -80,7 +80,9 @@ impl QueueWorker {
                 }
                 break;
             }
-            if !self.event_idx {
+            // A poll (poll.rs) watches the avail index itself: kicks stay
+            // off until it ends.
+            if !self.event_idx || self.poller.active {
                 break;
             }
             match vring.enable_notification() {
@@ -136,9 +138,31 @@ impl QueueWorker {
             popped += 1;
         }
         if popped > 0 {
+            self.poller.work += popped as u64;
             self.set_fault(None);
         }
         Some(popped)
+    }
+
+    /// For a poll: `Some(true)` if chains can be popped now, `Some(false)`
+    /// if none are available (or the in-flight cap is reached), `None` if
+    /// polling must stop (ring not ready or disabled, worker abandoned, a
+    /// fault). No system call.
+    pub(super) fn poll_avail(&self, vring: &Vring) -> Option<bool> {
+        if self.fault.is_some() {
+            return None;
+        }
+        match self.avail(vring) {
+            (Avail::Pending(_), size) => Some(self.jobs.len() < usize::from(size)),
+            (Avail::Nothing, _) => Some(false),
+            _ => None,
+        }
+    }
+
+    /// The ring is ready and enabled and the worker not abandoned.
+    pub(super) fn ring_ready(&self, vring: &Vring) -> bool {
+        let state = vring.get_ref();
+        !self.abandoned && state.get_queue().ready() && state.is_enabled()
     }
 
     /// Reads the avail index and judges it against the device's next index

@@ -9,7 +9,8 @@
 //! Files: `job.rs` (a request's state), `lifecycle.rs` (its transitions), `park.rs`
 //! (stalls, bounce-pool waits, timers, injected delays), `integrity.rs` (R3,
 //! R4 and the checksum store at completion), `events.rs` (report events),
-//! `kick.rs` (bounded popping of the avail ring), `answer.rs` (refusals and
+//! `kick.rs` (bounded popping of the avail ring), `poll.rs` (adaptive
+//! busy-polling before epoll), `answer.rs` (refusals and
 //! GET_ID), `inflight.rs` (the
 //! vhost-user inflight record: marking and resubmission), `memory.rs`
 //! (guest memory lost to a truncation).
@@ -23,6 +24,7 @@ mod kick;
 mod lifecycle;
 mod memory;
 mod park;
+mod poll;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -92,6 +94,8 @@ pub struct QueueWorker {
     /// ([`QueueWorker::abandon`]): from then on nothing is written to guest
     /// memory or the used ring any more.
     abandoned: bool,
+    /// Busy-polling before epoll: budget and its adaptation (poll.rs).
+    poller: poll::Poller,
 }
 
 impl QueueWorker {
@@ -158,6 +162,7 @@ impl QueueWorker {
         mut engine: Engine,
     ) -> Result<Self, WorkerError> {
         let slot = lane * dev.config().num_queues + index;
+        let dev_poll_max = dev.poll_max();
         if let Some(store) = dev.store() {
             engine
                 .set_store_file(store.file())
@@ -211,6 +216,7 @@ impl QueueWorker {
             pop_pending: false,
             fault: None,
             abandoned: false,
+            poller: poll::Poller::new(dev_poll_max),
         })
     }
 
@@ -367,6 +373,7 @@ impl QueueWorker {
             if done.is_empty() {
                 break;
             }
+            self.poller.work += done.len() as u64;
             for &(tag, res) in &done {
                 match tag {
                     Tag::Timer => self.park.timer_fired(),
@@ -475,6 +482,9 @@ mod overlap_tests;
 
 #[cfg(test)]
 mod dirty_log_tests;
+
+#[cfg(test)]
+mod poll_tests;
 
 #[cfg(test)]
 pub(crate) mod test_util;
