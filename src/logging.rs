@@ -20,10 +20,24 @@ use log::{Level, Log, Metadata, Record};
 /// Default interval: one line per kind of message per second.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Log target of the ring lifecycle lines (a queue started, stopped, with
+/// its indices): a restart or a migration produces several within a
+/// second, and a test or a person reading the log needs every one of them.
+/// Lines of this target get [`RING_ALLOWANCE`] per call site per interval
+/// instead of one; only a frontend cycling rings faster than that is
+/// summarised.
+pub const RING_TARGET: &str = "pinblk::ring";
+
+/// Lines per call site per interval for [`RING_TARGET`].
+pub const RING_ALLOWANCE: u64 = 64;
+
 /// What is known of one call site within its current interval.
 struct Site {
     /// Start of the interval in which `first` was let through.
     since: Instant,
+    /// Lines let through since `since` (1 for most targets, up to
+    /// [`RING_ALLOWANCE`] for [`RING_TARGET`]).
+    passed: u64,
     /// Lines held back since `since`.
     suppressed: u64,
     /// Level, target and text of the line let through (for the summary).
@@ -111,7 +125,18 @@ impl<L: Log> Log for RateLimited<L> {
             let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = sites.get_mut(&(file, line)) {
                 if now.duration_since(s.since) < self.interval {
-                    s.suppressed += 1;
+                    let allowance = if record.target() == RING_TARGET {
+                        RING_ALLOWANCE
+                    } else {
+                        1
+                    };
+                    if s.passed < allowance {
+                        s.passed += 1;
+                        drop(sites);
+                        self.inner.log(record);
+                    } else {
+                        s.suppressed += 1;
+                    }
                     return;
                 }
                 if s.suppressed > 0 {
@@ -122,6 +147,7 @@ impl<L: Log> Log for RateLimited<L> {
                 (file, line),
                 Site {
                     since: now,
+                    passed: 1,
                     suppressed: 0,
                     level: record.level(),
                     target: record.target().to_string(),
@@ -237,6 +263,36 @@ mod tests {
         // The site is forgotten: its next line goes through at once.
         record_at(&l, 10, format_args!("bad chain again"));
         assert_eq!(lines(&l).last().unwrap(), "bad chain again");
+    }
+
+    /// Ring lifecycle lines: a restart or migration makes several a
+    /// second, and every one is needed; only past the allowance are they
+    /// counted.
+    #[test]
+    fn ring_lines_get_their_allowance_per_interval() {
+        let l = RateLimited::new(Collect::default(), Duration::from_secs(3600));
+        for i in 0..RING_ALLOWANCE + 5 {
+            l.log(
+                &Record::builder()
+                    .level(Level::Info)
+                    .target(RING_TARGET)
+                    .file_static(Some("src/ring.rs"))
+                    .line(Some(7))
+                    .args(format_args!("queue 0 stopped {i}"))
+                    .build(),
+            );
+        }
+        let got = lines(&l);
+        assert_eq!(got.len() as u64, RING_ALLOWANCE);
+        assert_eq!(
+            got.last().unwrap(),
+            &format!("queue 0 stopped {}", RING_ALLOWANCE - 1)
+        );
+        l.flush_expired(Instant::now() + Duration::from_secs(3601));
+        assert_eq!(
+            lines(&l).last().unwrap(),
+            "5 more like this suppressed in the last 1h: queue 0 stopped 0"
+        );
     }
 
     #[test]

@@ -253,6 +253,7 @@ impl VhostUserBackend for BlkBackend {
                 .unwrap_or_else(|p| p.into_inner())
                 .ring_state(vring);
             log::info!(
+                target: crate::logging::RING_TARGET,
                 "connection {}: queue {queue_index} started: {state}",
                 self.connection
             );
@@ -295,6 +296,7 @@ impl VhostUserBackend for BlkBackend {
             .inspect_err(|e| log::error!("GET_VRING_BASE: {e}; dropping the connection"))?;
         if let Some(vring) = w.vring() {
             log::info!(
+                target: crate::logging::RING_TARGET,
                 "connection {}: queue {queue_index} stopped after draining {in_flight} request(s): {}",
                 self.connection,
                 w.ring_state(&vring)
