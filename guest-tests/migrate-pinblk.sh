@@ -118,7 +118,7 @@ REPORT=$RESULTS/report.jsonl
 PLOG=$RESULTS/pinblk.log
 CTL=$RESULTS/pinblk.ctl
 # A workload that completes no request for this long has stalled.
-STALL_SECS=${STALL_SECS:-90}
+STALL_SECS=${STALL_SECS:-45}
 
 EXTRA=()
 # The guest's fio: 2 jobs of 4 KiB random writes with crc32c verify (fio
