@@ -269,6 +269,15 @@ diagnose() {
 		echo "== QEMU info cpus / info registers"
 		qmp "$q" human-monitor-command '{"command-line": "info cpus"}' || true
 		qmp "$q" human-monitor-command '{"command-line": "info registers"}' | head -c 600 || true
+		echo
+		# Two samples 2 s apart of the vCPU's flags: a kernel spinning with
+		# interrupts off (RFL without IF 0x200, not halted) cannot take
+		# the interrupt of a completion; one waiting for it idles (HLT=1).
+		for _ in 1 2; do
+			qmp "$q" human-monitor-command '{"command-line": "info registers"}' |
+				python3 -c 'import json,re,sys; t=json.load(sys.stdin); g=lambda k: (re.search(k+r"=([0-9a-f]+)", t) or [None, "?"])[1]; print("guest-side cpu rfl=%s hlt=%s rip=%s" % (g("RFL"), g("HLT"), g("RIP")))' || true
+			sleep 2
+		done
 		echo "== pinblk log (last 40 lines)"; tail -n 40 "$PLOG"
 		echo "== guest console (last 40 lines)"; tail -n 40 "$RESULTS/console.$last.log" | tr -d '\r'
 	} >"$RESULTS/stall.txt" 2>&1

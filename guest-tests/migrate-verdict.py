@@ -19,7 +19,10 @@ pinblk did its part when all of these hold:
     head" with the indices above consistent), or a stall in which pinblk
     has nothing in flight and the driver has seen every used element
     (avail idx == used idx == used_event in guest memory: it is not
-    waiting for an interrupt pinblk owed it).
+    waiting for an interrupt pinblk owed it), or with no pin held and the
+    guest's vCPU spinning with interrupts disabled (RFL without IF, not
+    halted) in every sample: a kernel stuck like that takes no interrupt
+    at all, pinblk's or any other.
 """
 
 import json
@@ -94,6 +97,18 @@ def main():
                 "guest",
                 f"stalled with nothing in flight: avail idx = used idx = used_event = {vals['used_idx']} "
                 "(the driver saw every completion; it stopped submitting)",
+            )
+        cpus = re.findall(r"^guest-side cpu rfl=([0-9a-f]+) hlt=(\d) rip=([0-9a-f]+)$", stall, re.M)
+        if (
+            len(cpus) >= 2
+            and (inflight is None or inflight[1] == "0")
+            and all(int(rfl, 16) & 0x200 == 0 and hlt == "0" for rfl, hlt, _ in cpus)
+        ):
+            return verdict(
+                "guest",
+                f"stalled with nothing in flight and the guest's only vCPU spinning with interrupts "
+                f"disabled in every sample (RIP {', '.join(r for _, _, r in cpus)}): it cannot take "
+                f"any interrupt, so pinblk's were not the missing ones ({json.dumps(vals)})",
             )
         return verdict("pinblk", f"stalled and the guest may be waiting on pinblk: {json.dumps(vals)}")
     return verdict("pinblk", "no evidence that the guest failed on its own")
