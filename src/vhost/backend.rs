@@ -247,35 +247,33 @@ impl VhostUserBackend for BlkBackend {
     fn vring_started(&self, queue_index: u16, vring: &Vring) -> std::io::Result<()> {
         // A ring running again: whatever was stopped for a migration is back.
         self.migration.handed_over.store(false, Ordering::Release);
-        if let Some(w) = self.workers.get(usize::from(queue_index)) {
-            let state = w
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .ring_state(vring);
-            log::info!(
-                target: crate::logging::RING_TARGET,
-                "connection {}: queue {queue_index} started: {state}",
-                self.connection
-            );
-        }
+        let Some(w) = self.workers.get(usize::from(queue_index)) else {
+            return Ok(());
+        };
         let region = self
             .inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let (Some(region), Some(w)) = (region, self.workers.get(usize::from(queue_index))) else {
-            return Ok(());
-        };
-        let Some(part) = region.queue(queue_index) else {
-            log::warn!(
-                "inflight record has {} queue(s); queue {queue_index} is not tracked",
-                region.num_queues()
-            );
-            return Ok(());
-        };
-        w.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .start_inflight(part, vring)
+        let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(region) = region {
+            match region.queue(queue_index) {
+                Some(part) => w.start_inflight(part, vring)?,
+                None => log::warn!(
+                    "inflight record has {} queue(s); queue {queue_index} is not tracked",
+                    region.num_queues()
+                ),
+            }
+        }
+        // After the inflight record's recovery, which may move the next
+        // avail index: the line says where popping really resumes.
+        log::info!(
+            target: crate::logging::RING_TARGET,
+            "connection {}: queue {queue_index} started: {}",
+            self.connection,
+            w.ring_state(vring)
+        );
+        Ok(())
     }
 
     /// GET_VRING_BASE (vhost-user spec, "Starting and stopping rings"): the

@@ -63,8 +63,8 @@ impl QueueWorker {
     }
 
     /// One line on a ring's indices for the start and stop logs: the next
-    /// avail index pinblk will pop (from SET_VRING_BASE, or where it
-    /// stopped), its next used index, and the avail and used `idx` fields as
+    /// avail index pinblk will pop (from SET_VRING_BASE or the inflight
+    /// record's recovery, or where it stopped), its next used index, and the avail and used `idx` fields as
     /// they are in guest memory (virtio 1.2 §2.7.6, §2.7.8). A restart or a
     /// migration that loses or repeats a request shows here first.
     pub fn ring_state(&self, vring: &Vring) -> String {
