@@ -607,6 +607,11 @@ fn backends(opts: &Opts, notes: &mut Vec<String>) -> Vec<BackendSpec> {
             &["--checksum", "off"],
         ),
         (
+            "pinblk --aio io_uring (checksums on + bounce)",
+            &["--aio"],
+            &["--aio", "io_uring"],
+        ),
+        (
             "pinblk --checksum off --poll-max-us 0 (no polling)",
             &["--checksum", "--poll-max-us"],
             &["--checksum", "off", "--poll-max-us", "0"],

@@ -107,6 +107,7 @@ impl DeviceOptions {
                 read_only: false,
                 direct: false,
                 logical_block_size: None,
+                aio: crate::storage::Aio::Auto,
             },
             num_queues: 1,
             queue_size: 256,
@@ -307,6 +308,9 @@ impl Device {
             log::warn!(
                 "--null: READ and WRITE complete without touching the image; data is not stored"
             );
+        } else {
+            let aio = image.aio();
+            log::info!("aio: {} ({})", aio.aio.name(), aio.why);
         }
         Ok(Device::from_parts(
             config,

@@ -7,6 +7,9 @@
 //! tags into io_uring `user_data`; its users only see typed tags.
 //!
 //! - [`Engine::Uring`]: io_uring on the image file (the real data path).
+//! - [`Engine::Mapped`]: READ and WRITE are copies through a shared mapping
+//!   of the image, made at push, complete at once (`--aio mmap`, [`mapped`]);
+//!   the rest goes to io_uring.
 //! - [`Engine::Null`]: READ and WRITE complete at once without touching the
 //!   image (`--null`, a reference that shows what the rest of the path costs);
 //!   FLUSH, DISCARD, WRITE_ZEROES and timers go to io_uring as usual.
@@ -155,6 +158,8 @@ impl Op<'_> {
 pub enum Engine {
     /// io_uring on the image.
     Uring(UringEngine),
+    /// `--aio mmap`: READ and WRITE through a mapping, the rest to io_uring.
+    Mapped(MappedEngine),
     /// `--null`: READ and WRITE complete at once, the rest goes to io_uring.
     Null(NullEngine),
     /// Unit tests: operations complete when the test says so.
@@ -170,6 +175,16 @@ impl Engine {
     /// io_uring_setup(2), eventfd(2) or dup(2) failing.
     pub fn uring(file: &File, entries: u32) -> io::Result<Engine> {
         UringEngine::new(file, entries).map(Engine::Uring)
+    }
+
+    /// An `--aio mmap` engine on the first `size` bytes of `file`, mapped
+    /// read-write when `writable` (else WRITE goes to io_uring, which
+    /// refuses it): see [`Engine::Mapped`].
+    ///
+    /// # Errors
+    /// As [`Engine::uring`], and mmap(2) failing.
+    pub fn mapped(file: &File, entries: u32, size: u64, writable: bool) -> io::Result<Engine> {
+        MappedEngine::new(file, entries, size, writable).map(Engine::Mapped)
     }
 
     /// A `--null` engine: see [`Engine::Null`].
@@ -191,10 +206,10 @@ impl Engine {
     }
 
     /// Whether operations may complete inside [`Engine::push`] without the
-    /// completion eventfd being signalled (the null engine): the caller then
-    /// reaps right after submitting.
+    /// completion eventfd being signalled (the null and mapped engines): the
+    /// caller then reaps right after submitting.
     pub fn completes_inline(&self) -> bool {
-        matches!(self, Engine::Null(_))
+        matches!(self, Engine::Null(_) | Engine::Mapped(_))
     }
 
     /// Whether completions may be waiting to be reaped, checked without a
@@ -206,10 +221,20 @@ impl Engine {
     pub fn has_completions(&mut self) -> bool {
         match self {
             Engine::Uring(u) => u.has_completions(),
+            Engine::Mapped(m) => m.has_completions(),
             Engine::Null(n) => !n.ready.is_empty() || n.uring.has_completions(),
             #[cfg(test)]
             Engine::Fake(f) => f.has_completions(),
         }
+    }
+
+    /// Whether the engine's own copier thread has copies in hand
+    /// ([`Engine::Mapped`]): their completions signal the completion
+    /// eventfd, and busy-polling for them would take a core from the very
+    /// thread doing the work (on the 2-core machines this project measures
+    /// on, the queue's poll and the copier then halve each other).
+    pub fn copying(&self) -> bool {
+        matches!(self, Engine::Mapped(m) if m.copying())
     }
 
     /// Gives the engine (its own duplicate of) the checksum store's file,
@@ -221,6 +246,7 @@ impl Engine {
         let f = Some(store.try_clone()?);
         match self {
             Engine::Uring(u) => u.store = f,
+            Engine::Mapped(m) => m.uring.store = f,
             Engine::Null(n) => n.uring.store = f,
             #[cfg(test)]
             Engine::Fake(e) => e.set_store(f),
@@ -232,6 +258,7 @@ impl Engine {
     pub fn completion_fd(&self) -> &EventFd {
         match self {
             Engine::Uring(u) => &u.eventfd,
+            Engine::Mapped(m) => &m.uring.eventfd,
             Engine::Null(n) => &n.uring.eventfd,
             #[cfg(test)]
             Engine::Fake(f) => &f.handle.eventfd,
@@ -250,6 +277,8 @@ impl Engine {
         match self {
             // SAFETY: forwarded contract.
             Engine::Uring(u) => unsafe { u.push(op, tag) },
+            // SAFETY: forwarded contract.
+            Engine::Mapped(m) => unsafe { m.push(op, tag) },
             Engine::Null(n) => match op {
                 Op::Read { .. } | Op::Write { .. } => n
                     .ready
@@ -267,6 +296,7 @@ impl Engine {
     pub fn submit(&mut self) {
         let ring = match self {
             Engine::Uring(u) => &mut u.ring,
+            Engine::Mapped(m) => &mut m.uring.ring,
             Engine::Null(n) => &mut n.uring.ring,
             #[cfg(test)]
             Engine::Fake(_) => return,
@@ -281,6 +311,7 @@ impl Engine {
     pub fn wait(&mut self) -> io::Result<()> {
         match self {
             Engine::Uring(u) => u.ring.submit_and_wait(1).map(drop),
+            Engine::Mapped(m) => m.wait(),
             Engine::Null(n) if !n.ready.is_empty() => Ok(()),
             Engine::Null(n) => n.uring.ring.submit_and_wait(1).map(drop),
             #[cfg(test)]
@@ -298,6 +329,7 @@ impl Engine {
     pub fn reap(&mut self, out: &mut Vec<(Tag, i32)>) {
         match self {
             Engine::Uring(u) => u.reap(out),
+            Engine::Mapped(m) => m.reap(out),
             Engine::Null(n) => {
                 out.extend(n.ready.drain(..));
                 n.uring.reap(out);
@@ -430,6 +462,11 @@ pub struct NullEngine {
     /// READ and WRITE completions, ready at once.
     ready: VecDeque<(Tag, i32)>,
 }
+
+pub use mapped::MappedEngine;
+
+#[path = "mapped.rs"]
+pub mod mapped;
 
 #[cfg(test)]
 pub use fake::{FakeEngine, FakeHandle};

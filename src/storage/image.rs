@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use super::aio::{self, Aio, AioChoice, ImageKind};
 use super::blockdev::{self, BlockDeviceInfo};
 use crate::guest::SECTOR_SIZE;
 use crate::sys::{lock_file, LOCK_WAIT};
@@ -49,6 +50,14 @@ pub enum StorageError {
         /// Logical block size in bytes.
         block: u32,
     },
+    /// `--aio mmap` asked for an image it cannot serve.
+    #[error("image {path}: {why}")]
+    Aio {
+        /// The image.
+        path: PathBuf,
+        /// Why, and what to pass instead.
+        why: String,
+    },
     /// Any other I/O error, with what was being done.
     #[error("{what} {path}: {source}")]
     Io {
@@ -74,6 +83,8 @@ pub struct Image {
     logical_block_size: u32,
     /// What the kernel says about it, when the image is a block device.
     block_device: Option<BlockDeviceInfo>,
+    /// The engine `--aio` resolved to, and why.
+    aio: AioChoice,
 }
 
 /// How to open an image.
@@ -89,6 +100,8 @@ pub struct ImageOptions {
     /// down to a multiple of it. `None`: a block device's own (`BLKSSZGET`),
     /// 512 for a file.
     pub logical_block_size: Option<u32>,
+    /// Which engine carries READ and WRITE (`--aio`; resolved by [`Image::open`]).
+    pub aio: Aio,
 }
 
 impl Image {
@@ -99,8 +112,25 @@ impl Image {
     /// [`StorageError::Locked`] if another pinblk serves it,
     /// [`StorageError::DeviceBusy`] if a block device is held exclusively,
     /// [`StorageError::BlockSizeBelowDevice`],
-    /// [`StorageError::TooSmall`], or [`StorageError::Io`].
+    /// [`StorageError::TooSmall`], [`StorageError::Aio`] if `--aio mmap`
+    /// cannot serve it, or [`StorageError::Io`].
     pub fn open(path: &Path, opts: &ImageOptions) -> Result<Image, StorageError> {
+        let mut image = Image::open_unresolved(path, opts)?;
+        let kind = ImageKind {
+            file: &image.file,
+            size: image.size,
+            block_device: image.block_device.is_some(),
+            direct: opts.direct,
+        };
+        image.aio = aio::choose(opts.aio, &kind).map_err(|why| StorageError::Aio {
+            path: path.to_path_buf(),
+            why,
+        })?;
+        Ok(image)
+    }
+
+    /// [`Image::open`] but for the `--aio` choice (left at io_uring).
+    fn open_unresolved(path: &Path, opts: &ImageOptions) -> Result<Image, StorageError> {
         if blockdev::is_block_device(path) {
             return Image::open_block_device(path, opts);
         }
@@ -255,7 +285,17 @@ impl Image {
             read_only,
             logical_block_size: block,
             block_device,
+            aio: AioChoice {
+                aio: Aio::IoUring,
+                why: "not resolved yet".into(),
+            },
         })
+    }
+
+    /// The engine that carries READ and WRITE ([`Aio::IoUring`] or
+    /// [`Aio::Mmap`], never `Auto`), and why it was chosen.
+    pub fn aio(&self) -> &AioChoice {
+        &self.aio
     }
 
     /// What the kernel says about the image, when it is a block device.
@@ -321,6 +361,7 @@ mod tests {
         ImageOptions {
             create_size: size,
             logical_block_size: Some(512),
+            aio: Aio::Auto,
             ..Default::default()
         }
     }

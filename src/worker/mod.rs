@@ -38,7 +38,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device::{Device, QueueCounters};
 use crate::guest::{write_ranges, GuestRange};
 pub use crate::guest::{GuestMem, GuestMemAtomic};
-use crate::storage::{Engine, Tag};
+use crate::storage::{Aio, Engine, Tag};
 use job::Slots;
 use kick::RingFault;
 
@@ -100,7 +100,8 @@ pub struct QueueWorker {
 
 impl QueueWorker {
     /// A worker for virtqueue `index` of `dev`, reading guest memory through
-    /// `mem`, on an io_uring engine (a null engine under `--null`).
+    /// `mem`, on the engine the image's `--aio` chose (io_uring or mapped;
+    /// a null engine under `--null`).
     ///
     /// # Errors
     /// [`WorkerError::Setup`] if io_uring or its completion eventfd cannot be created.
@@ -122,9 +123,12 @@ impl QueueWorker {
         let entries = u32::from(dev.config().queue_size)
             .next_power_of_two()
             .max(8);
-        let file = dev.image().file();
+        let image = dev.image();
+        let file = image.file();
         let engine = if dev.null() {
             Engine::null(file, entries)
+        } else if image.aio().aio == Aio::Mmap {
+            Engine::mapped(file, entries, image.size(), !image.read_only())
         } else {
             Engine::uring(file, entries)
         }

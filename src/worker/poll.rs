@@ -93,7 +93,9 @@ impl QueueWorker {
     ///
     /// Bounded whatever the driver does: at most `POLL_CAP_FACTOR` (10) ×
     /// the maximum budget in all, and no polling when the ring is not ready
-    /// or disabled, the worker was abandoned, or a ring fault is set.
+    /// or disabled, the worker was abandoned, or a ring fault is set. No
+    /// polling either while the engine's copier thread has copies in hand
+    /// ([`crate::storage::Engine::copying`]).
     ///
     /// The budget adapts, as QEMU's `aio_poll` does: it starts at 0 (no
     /// polling). When an epoll wake-up after a poll found work no later than
@@ -106,6 +108,12 @@ impl QueueWorker {
     /// between requests from being halved and doubled forever.
     pub fn poll(&mut self, vring: &Vring) {
         if self.poller.max.is_zero() {
+            return;
+        }
+        if self.engine.copying() {
+            // The copier thread signals when done; spinning here would take
+            // its core. Not an idle poll: the budget is not judged.
+            self.poller.idle_since = None;
             return;
         }
         self.poller.adapt();

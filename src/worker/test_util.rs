@@ -60,6 +60,7 @@ pub(crate) fn image_file(dir: &Path, read_only: bool) -> (PathBuf, Image) {
         &ImageOptions {
             read_only,
             logical_block_size: Some(512),
+            aio: crate::storage::Aio::IoUring,
             ..Default::default()
         },
     )

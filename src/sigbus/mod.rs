@@ -102,6 +102,9 @@ struct Key {
     end: usize,
     dev: u64,
     ino: u64,
+    /// A mapping of pinblk's own ([`watch_mapping`]), not guest memory:
+    /// kept until its [`WatchedMapping`] is dropped.
+    own: bool,
 }
 
 /// The non-signal side: every memory snapshot seen (weakly: a region stays
@@ -217,6 +220,7 @@ fn watch(snapshot: Option<&Arc<Mem>>) {
                 end: start + r.len() as usize,
                 dev,
                 ino,
+                own: false,
             };
             if !mapped.iter().any(|(k, _)| *k == key) {
                 mapped.push((key, granule));
@@ -225,7 +229,7 @@ fn watch(snapshot: Option<&Arc<Mem>>) {
     }
     for (i, slot) in SLOTS.iter().enumerate() {
         if let Some(k) = t.keys[i] {
-            if !mapped.iter().any(|(m, _)| *m == k) {
+            if !k.own && !mapped.iter().any(|(m, _)| *m == k) {
                 let s = slot.state.load(Ordering::Relaxed);
                 slot.state.store((s | 1) + 1, Ordering::Release);
                 t.keys[i] = None;
@@ -236,26 +240,93 @@ fn watch(snapshot: Option<&Arc<Mem>>) {
         if t.keys.contains(&Some(key)) {
             continue;
         }
-        let Some(i) = t.keys.iter().position(Option::is_none) else {
+        if fill_slot(&mut t, key, granule).is_none() {
             log::warn!(
                 "more than {MAX_WATCHED_REGIONS} guest memory regions mapped: \
                  a SIGBUS in {:#x}..{:#x} will not be caught",
                 key.start,
                 key.end
             );
-            continue;
-        };
-        let slot = &SLOTS[i];
+        }
+    }
+}
+
+/// Puts `key` into a free slot (live from then on); its index, or `None`
+/// when every slot is taken.
+fn fill_slot(t: &mut Tracker, key: Key, granule: usize) -> Option<usize> {
+    if t.keys.is_empty() {
+        t.keys = vec![None; MAX_WATCHED_REGIONS];
+    }
+    let i = t.keys.iter().position(Option::is_none)?;
+    let slot = &SLOTS[i];
+    let s = slot.state.load(Ordering::Relaxed);
+    // Not live (even) while the fields change; then live (odd).
+    slot.state.store((s | 1) + 1, Ordering::Release);
+    fence(Ordering::Release);
+    slot.start.store(key.start, Ordering::Relaxed);
+    slot.end.store(key.end, Ordering::Relaxed);
+    slot.granule.store(granule, Ordering::Relaxed);
+    slot.lost_from.store(usize::MAX, Ordering::Relaxed);
+    slot.state.store((s | 1) + 2, Ordering::Release);
+    t.keys[i] = Some(key);
+    Some(i)
+}
+
+/// A mapping of pinblk's own, not guest memory, watched by the SIGBUS
+/// handler: the image mapping of `--aio mmap` (`storage::mapped`), whose
+/// file can be truncated under it, or whose filesystem (tmpfs) can fail to
+/// allocate a page for a hole. A fault in it is absorbed like one in guest
+/// memory: anonymous memory is mapped from the faulting page to the end,
+/// the access completes on it, and [`WatchedMapping::faulted`] says so; the
+/// owner must then stop using the mapping (its contents from that page on
+/// are no longer the file's) and redo the access another way. Dropping it
+/// stops the watch; drop it before unmapping.
+#[derive(Debug)]
+pub struct WatchedMapping {
+    slot: usize,
+    start: usize,
+}
+
+/// Watches the host-virtual range `[start, start + len)` (a mapping the
+/// caller owns and keeps mapped while the returned value lives) with the
+/// SIGBUS handler, installing it on first use. Page granule: the system's.
+/// `None` when every watch slot is taken (a fault in it then kills the
+/// process, as without the handler).
+pub fn watch_mapping(start: usize, len: usize) -> Option<WatchedMapping> {
+    install();
+    // SAFETY: sysconf only reads a system constant.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let key = Key {
+        start,
+        end: start.checked_add(len)?,
+        dev: 0,
+        ino: 0,
+        own: true,
+    };
+    let mut t = TRACKER.lock().unwrap_or_else(|p| p.into_inner());
+    fill_slot(&mut t, key, page).map(|slot| WatchedMapping { slot, start })
+}
+
+impl WatchedMapping {
+    /// Whether a SIGBUS was absorbed in this mapping since it was watched.
+    /// One atomic load while no SIGBUS ever happened in the process.
+    pub fn faulted(&self) -> bool {
+        if FAULTS.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        SLOTS[self.slot]
+            .read()
+            .is_some_and(|(s, _, _, lost)| s == self.start && lost != usize::MAX)
+    }
+}
+
+impl Drop for WatchedMapping {
+    fn drop(&mut self) {
+        let mut t = TRACKER.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &SLOTS[self.slot];
         let s = slot.state.load(Ordering::Relaxed);
-        // Not live (even) while the fields change; then live (odd).
         slot.state.store((s | 1) + 1, Ordering::Release);
-        fence(Ordering::Release);
-        slot.start.store(key.start, Ordering::Relaxed);
-        slot.end.store(key.end, Ordering::Relaxed);
-        slot.granule.store(granule, Ordering::Relaxed);
-        slot.lost_from.store(usize::MAX, Ordering::Relaxed);
-        slot.state.store((s | 1) + 2, Ordering::Release);
-        t.keys[i] = Some(key);
+        t.keys[self.slot] = None;
     }
 }
 
@@ -404,15 +475,20 @@ fn replace(addr: usize) -> bool {
         }
         let page = (addr & !(granule - 1)).max(start);
         // SAFETY: [page, end) lies inside a guest memory mapping that is
-        // still mapped (a slot is freed only once no snapshot maps it), so
-        // MAP_FIXED replaces only guest memory, never memory of pinblk's own.
-        // No Rust reference points into guest memory (it is accessed only
-        // through volatile copies and atomics), so changing what backs it
-        // breaks no aliasing rule. From `page` on the region counts as lost
-        // (`lost_from`): past the end of the file (truncation) nothing is
-        // there to lose, and in any other case (hugetlbfs out of huge pages)
-        // every request touching it fails, so no data goes missing silently.
-        // mmap is a plain system call, safe in a signal handler.
+        // still mapped (a slot is freed only once no snapshot maps it), or
+        // inside an image mapping of `--aio mmap` whose WatchedMapping still
+        // lives (it is dropped before the munmap), so MAP_FIXED replaces
+        // only those, never other memory of pinblk's own. No Rust reference
+        // points into either (guest memory is accessed through volatile
+        // copies and atomics, the image mapping through raw-pointer copies),
+        // so changing what backs it breaks no aliasing rule. From `page` on
+        // the region counts as lost (`lost_from`): past the end of the file
+        // (truncation) nothing is there to lose, and in any other case
+        // (hugetlbfs out of huge pages, tmpfs full) every request touching
+        // guest memory there fails, and the image mapping's owner stops
+        // using it and redoes the access through the file, so no data goes
+        // missing silently. mmap is a plain system call, safe in a signal
+        // handler.
         let p = unsafe {
             libc::mmap(
                 page as *mut libc::c_void,
@@ -435,146 +511,4 @@ fn replace(addr: usize) -> bool {
 
 /// Unit tests of the guest memory checks and the SIGBUS handler.
 #[cfg(test)]
-mod tests {
-    use std::fs::File;
-    use std::os::fd::FromRawFd;
-
-    use vm_memory::{
-        Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-        GuestRegionMmap,
-    };
-
-    use super::*;
-
-    const PAGE: u64 = 4096;
-
-    /// An anonymous memory file (as QEMU's memory-backend-memfd) of `len` bytes.
-    fn memfd(len: u64) -> File {
-        // SAFETY: memfd_create with a NUL-terminated name; the fd is new and owned by the File.
-        let fd = unsafe { libc::memfd_create(c"pinblk-test".as_ptr(), 0) };
-        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let f = unsafe { File::from_raw_fd(fd) };
-        f.set_len(len).unwrap();
-        f
-    }
-
-    /// A region of `size` bytes at guest-physical `gpa`, mapping `file` from `offset`.
-    fn region(file: &File, offset: u64, gpa: u64, size: u64) -> GuestRegionMmap<Log> {
-        GuestRegionMmap::from_range(
-            GuestAddress(gpa),
-            size as usize,
-            Some(FileOffset::new(file.try_clone().unwrap(), offset)),
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn a_region_larger_than_its_file_is_refused_and_taken_out() {
-        let good = memfd(16 * PAGE);
-        let short = memfd(4 * PAGE);
-        let mem = GuestMemoryMmap::from_regions(vec![
-            region(&good, 0, 0, 16 * PAGE),
-            // 8 pages declared, 4 in the file.
-            region(&short, 0, 1 << 20, 8 * PAGE),
-        ])
-        .unwrap();
-        let atomic = GuestMemoryAtomic::new(mem);
-        let err = accept_memory(&atomic).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        let msg = err.to_string();
-        assert!(
-            msg.contains("0x100000") && msg.contains("16384 bytes"),
-            "{msg}"
-        );
-        let now = atomic.memory();
-        assert_eq!(now.num_regions(), 1, "the short region is taken out");
-        assert!(now.find_region(GuestAddress(1 << 20)).is_none());
-        assert!(now.find_region(GuestAddress(0)).is_some());
-    }
-
-    #[test]
-    fn an_offset_pushing_a_region_past_its_file_is_refused() {
-        let f = memfd(8 * PAGE);
-        let fits = GuestMemoryMmap::from_regions(vec![region(&f, 4 * PAGE, 0, 4 * PAGE)]).unwrap();
-        accept_memory(&GuestMemoryAtomic::new(fits)).unwrap();
-        let past = GuestMemoryMmap::from_regions(vec![region(&f, 5 * PAGE, 0, 4 * PAGE)]).unwrap();
-        assert!(accept_memory(&GuestMemoryAtomic::new(past)).is_err());
-    }
-
-    #[test]
-    fn a_truncated_file_is_survived_and_its_tail_reported_lost() {
-        let f = memfd(16 * PAGE);
-        let gpa = 0x4000_0000u64;
-        let mem = GuestMemoryMmap::from_regions(vec![region(&f, 0, gpa, 16 * PAGE)]).unwrap();
-        let atomic = GuestMemoryAtomic::new(mem);
-        accept_memory(&atomic).unwrap();
-        let m = atomic.memory();
-        m.write_slice(&[7u8; 4096], GuestAddress(gpa + 8 * PAGE))
-            .unwrap();
-        f.set_len(6 * PAGE).unwrap();
-        let before = faults();
-        // Past the new end: without the handler this read kills the process.
-        let mut buf = [1u8; 64];
-        m.read_slice(&mut buf, GuestAddress(gpa + 8 * PAGE + 100))
-            .unwrap();
-        assert_eq!(buf, [0u8; 64], "the faulting read completes on zeroes");
-        assert!(faults() > before);
-        // Writes past the end complete too (on anonymous memory).
-        m.write_slice(&[9u8; 16], GuestAddress(gpa + 15 * PAGE))
-            .unwrap();
-        assert!(lost(&m, [(gpa + 8 * PAGE, 512)]));
-        assert!(
-            lost(&m, [(gpa + 7 * PAGE, 2 * PAGE)]),
-            "a range reaching into the tail"
-        );
-        assert!(
-            !lost(&m, [(gpa, 4 * PAGE)]),
-            "the start of the region still holds"
-        );
-        // Below the fault the file still backs the mapping.
-        m.write_slice(&[3u8; 8], GuestAddress(gpa)).unwrap();
-        let mut b = [0u8; 8];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).unwrap();
-        assert_eq!(b, [3u8; 8]);
-    }
-
-    #[test]
-    fn a_sigbus_outside_guest_memory_still_kills() {
-        install();
-        let f = memfd(2 * PAGE);
-        forget_unmapped();
-        // SAFETY: the child only calls async-signal-safe functions (mmap,
-        // ftruncate, a volatile load, _exit) before it exits.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            // SAFETY: a shared mapping of our own memfd, never registered.
-            unsafe {
-                // At a fixed address far from anything mapped, so that no
-                // stale entry of another test's (unmapped) region covers it.
-                let p = libc::mmap(
-                    0x6d00_0000_0000usize as *mut libc::c_void,
-                    2 * PAGE as usize,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
-                    std::os::fd::AsRawFd::as_raw_fd(&f),
-                    0,
-                );
-                if p == libc::MAP_FAILED {
-                    libc::_exit(2);
-                }
-                libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&f), 0);
-                std::ptr::read_volatile(p.cast::<u8>().add(PAGE as usize));
-                libc::_exit(0);
-            }
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(
-            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
-            "child status {status:#x}"
-        );
-    }
-}
+mod tests;

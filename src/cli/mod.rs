@@ -1,6 +1,6 @@
 //! Command line of the `pinblk` binary (clap). The only module that knows
 //! clap: its value enums ([`PolicyArg`], [`BounceArg`], [`OnMismatchArg`],
-//! [`OnOff`], [`Checksum`]) convert into the domain types, and
+//! [`OnOff`], [`Checksum`], [`AioArg`]) convert into the domain types, and
 //! [`ServeArgs`] into a [`DeviceOptions`].
 
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use crate::device::DeviceOptions;
 use crate::integrity::OnMismatch;
 use crate::pin::policy::{BounceMode, Policy, PolicyConfig};
-use crate::storage::ImageOptions;
+use crate::storage::{Aio, ImageOptions};
 
 /// A switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -29,6 +29,31 @@ pub enum Checksum {
     Crc32c,
     /// No checksums (no torn-write or verification reports).
     Off,
+}
+
+/// `--aio`: which engine carries READ and WRITE (converts into [`Aio`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AioArg {
+    /// `mmap` for a fully allocated regular file on tmpfs or ramfs opened
+    /// without --direct, `io_uring` otherwise (the start-up log says which, and why).
+    Auto,
+    /// io_uring readv/writev on the image (asynchronous).
+    #[value(name = "io_uring")]
+    IoUring,
+    /// memcpy between guest memory and a shared mapping of the image, on the
+    /// queue's thread (fastest for an image in memory; a page-cache miss
+    /// blocks the queue).
+    Mmap,
+}
+
+impl From<AioArg> for Aio {
+    fn from(a: AioArg) -> Aio {
+        match a {
+            AioArg::Auto => Aio::Auto,
+            AioArg::IoUring => Aio::IoUring,
+            AioArg::Mmap => Aio::Mmap,
+        }
+    }
 }
 
 /// `--policy`: what to do with a request that touches guest pages still
@@ -234,6 +259,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub direct: bool,
 
+    /// How READ and WRITE reach the image (QEMU's `aio=`): `io_uring`,
+    /// `mmap` (a memcpy through a shared mapping, no system call), or `auto`
+    /// (mmap for a fully allocated file on tmpfs or ramfs without --direct).
+    #[arg(long, value_enum, default_value_t = AioArg::Auto)]
+    pub aio: AioArg,
+
     /// What to do with a request that touches guest pages still under DMA
     /// (R1: a WRITE from pages an in-flight READ is filling; R2: a READ into
     /// pages an in-flight WRITE is sending; any WRITE of a long-term-pinned page).
@@ -368,6 +399,7 @@ impl TryFrom<ServeArgs> for DeviceOptions {
                 read_only: a.read_only,
                 direct: a.direct,
                 logical_block_size: a.logical_block_size,
+                aio: a.aio.into(),
             },
             num_queues: a.num_queues,
             queue_size: a.queue_size,
@@ -460,136 +492,4 @@ pub const CAPABILITIES: &str = r#"{
 }"#;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("64m").unwrap(), 64 << 20);
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("abc").is_err());
-        assert_eq!(parse_transfer("32M").unwrap(), 32 << 20);
-        assert!(parse_transfer("4G").is_err());
-    }
-
-    #[test]
-    fn cli_is_consistent() {
-        Cli::command().debug_assert();
-    }
-
-    fn serve_args(extra: &[&str]) -> ServeArgs {
-        let mut argv = vec![
-            "pinblk", "serve", "--socket", "s.sock", "--image", "disk.img",
-        ];
-        argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv).unwrap().command {
-            Some(Command::Serve(a)) => *a,
-            other => panic!("not serve: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn serve_defaults_are_device_defaults() {
-        let opts = DeviceOptions::try_from(serve_args(&[])).unwrap();
-        assert_eq!(opts, DeviceOptions::new("disk.img"));
-    }
-
-    #[test]
-    fn serve_args_convert() {
-        let opts = DeviceOptions::try_from(serve_args(&[
-            "--size",
-            "1M",
-            "--num-queues",
-            "4",
-            "--queue-size",
-            "128",
-            "--read-only",
-            "--serial",
-            "s1",
-            "--logical-block-size",
-            "4096",
-            "--direct",
-            "--policy",
-            "stall",
-            "--bounce",
-            "always",
-            "--stall-timeout",
-            "5ms",
-            "--longterm-after",
-            "2s",
-            "--bounce-pool",
-            "1M",
-            "--bounce-queue-max",
-            "512K",
-            "--max-transfer",
-            "2M",
-            "--inject-read-delay",
-            "20ms",
-            "--inject-read-probability",
-            "0.5",
-            "--pin-tracking",
-            "off",
-            "--checksum-store",
-            "x.pinsum",
-            "--on-mismatch",
-            "eio",
-            "--report",
-            "r.jsonl",
-            "--null",
-            "--poll-max-us",
-            "0",
-        ]))
-        .unwrap();
-        let want = DeviceOptions {
-            image_options: ImageOptions {
-                create_size: Some(1 << 20),
-                read_only: true,
-                direct: true,
-                logical_block_size: Some(4096),
-            },
-            num_queues: 4,
-            queue_size: 128,
-            serial: "s1".into(),
-            null: true,
-            pin_tracking: false,
-            longterm_after: Duration::from_secs(2),
-            policy: PolicyConfig {
-                policy: Policy::Stall,
-                bounce_always: true,
-                stall_timeout: Duration::from_millis(5),
-                read_delay: Some(Duration::from_millis(20)),
-                read_delay_probability: 0.5,
-                bounce_pool_bytes: 1 << 20,
-                bounce_queue_bytes: 512 << 10,
-            },
-            checksum: true,
-            checksum_store: Some("x.pinsum".into()),
-            on_mismatch: OnMismatch::Eio,
-            report: Some("r.jsonl".into()),
-            max_transfer: 2 << 20,
-            poll_max: Duration::ZERO,
-            ..DeviceOptions::new("disk.img")
-        };
-        assert_eq!(opts, want);
-        let off = DeviceOptions::try_from(serve_args(&["--checksum", "off"])).unwrap();
-        assert!(!off.checksum);
-    }
-
-    #[test]
-    fn checksum_store_needs_checksums() {
-        let e = DeviceOptions::try_from(serve_args(&[
-            "--checksum",
-            "off",
-            "--checksum-store",
-            "x.pinsum",
-        ]))
-        .unwrap_err();
-        assert_eq!(
-            e,
-            ArgsError::ChecksumStoreWithChecksumOff("x.pinsum".into())
-        );
-        assert!(e.to_string().contains("--checksum crc32c"), "{e}");
-    }
-}
+mod tests;

@@ -1,0 +1,207 @@
+//! Unit tests of the mapped engine ([`super`]): real files, real mappings, real SIGBUS.
+use std::os::unix::fs::FileExt;
+
+use super::super::{Engine, IoVec};
+use super::*;
+
+fn image(len: usize) -> (tempfile::NamedTempFile, File) {
+    let t = tempfile::NamedTempFile::new().unwrap();
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    std::fs::write(t.path(), &data).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(t.path())
+        .unwrap();
+    (t, f)
+}
+
+fn run(e: &mut Engine, op: Op<'_>) -> i32 {
+    // SAFETY: the test's buffers outlive the reap below.
+    unsafe { e.push(op, Tag::Job { slot: 1, op: 0 }) };
+    e.submit();
+    let mut out = Vec::new();
+    while out.is_empty() {
+        e.wait().unwrap();
+        e.reap(&mut out);
+    }
+    assert_eq!(out.len(), 1);
+    out[0].1
+}
+
+fn iov(b: &mut [u8]) -> IoVec {
+    IoVec {
+        base: b.as_mut_ptr() as usize,
+        len: b.len(),
+    }
+}
+
+#[test]
+fn reads_and_writes_go_through_the_mapping_and_complete_inline() {
+    let (_t, f) = image(65536);
+    let mut e = Engine::mapped(&f, 8, 65536, true).unwrap();
+    assert!(e.completes_inline());
+    let (mut a, mut b) = (vec![0u8; 1000], vec![0u8; 3096]);
+    let r = run(
+        &mut e,
+        Op::Read {
+            offset: 4096,
+            iov: &[iov(&mut a), iov(&mut b)],
+        },
+    );
+    assert_eq!(r, 4096);
+    assert_eq!(a[0], (4096 % 251) as u8);
+    assert_eq!(b[3095], ((4096 + 4095) % 251) as u8);
+    let mut w = vec![0xabu8; 8192];
+    assert_eq!(
+        run(
+            &mut e,
+            Op::Write {
+                offset: 8192,
+                iov: &[iov(&mut w)]
+            }
+        ),
+        8192
+    );
+    let mut back = vec![0u8; 8192];
+    f.read_exact_at(&mut back, 8192).unwrap();
+    assert!(back.iter().all(|&x| x == 0xab), "the file sees the write");
+    assert!(matches!(&e, Engine::Mapped(m) if m.mapped()));
+}
+
+#[test]
+fn past_the_end_goes_to_io_uring_with_its_short_read() {
+    let (_t, f) = image(8192);
+    let mut e = Engine::mapped(&f, 8, 8192, true).unwrap();
+    let mut buf = vec![0u8; 8192];
+    // io_uring's preadv: a short read of the 4096 bytes left.
+    let r = run(
+        &mut e,
+        Op::Read {
+            offset: 4096,
+            iov: &[iov(&mut buf)],
+        },
+    );
+    assert_eq!(r, 4096);
+}
+
+#[test]
+fn a_truncated_image_falls_back_to_io_uring_instead_of_dying() {
+    let (_t, f) = image(65536);
+    let mut e = Engine::mapped(&f, 8, 65536, true).unwrap();
+    f.set_len(16384).unwrap();
+    let mut buf = vec![7u8; 8192];
+    // Without the SIGBUS watch this read kills the test process.
+    let r = run(
+        &mut e,
+        Op::Read {
+            offset: 32768,
+            iov: &[iov(&mut buf)],
+        },
+    );
+    assert_eq!(
+        r, 0,
+        "io_uring's preadv past the new end of file reads 0 bytes"
+    );
+    assert!(matches!(&e, Engine::Mapped(m) if !m.mapped()));
+    // Later operations use io_uring: a write past the end extends the file.
+    let mut w = vec![0x5au8; 4096];
+    let r = run(
+        &mut e,
+        Op::Write {
+            offset: 20480,
+            iov: &[iov(&mut w)],
+        },
+    );
+    assert_eq!(r, 4096);
+    let mut back = vec![0u8; 4096];
+    f.read_exact_at(&mut back, 20480).unwrap();
+    assert!(back.iter().all(|&x| x == 0x5a));
+}
+
+#[test]
+fn large_copies_go_to_the_copier_and_complete_later() {
+    let len = 4 * COPIER_MIN;
+    let (_t, f) = image(len);
+    let mut e = Engine::mapped(&f, 8, len as u64, true).unwrap();
+    let mut w = vec![0x3cu8; COPIER_MIN];
+    let mut r = vec![0u8; 2 * COPIER_MIN];
+    // SAFETY: both buffers outlive the reaps below.
+    unsafe {
+        e.push(
+            Op::Write {
+                offset: 0,
+                iov: &[iov(&mut w)],
+            },
+            Tag::Job { slot: 1, op: 0 },
+        );
+        e.push(
+            Op::Read {
+                offset: 2 * COPIER_MIN as u64,
+                iov: &[iov(&mut r)],
+            },
+            Tag::Job { slot: 2, op: 0 },
+        )
+    };
+    e.submit();
+    let mut out = Vec::new();
+    while out.len() < 2 {
+        e.wait().unwrap();
+        e.reap(&mut out);
+    }
+    out.sort_by_key(|(t, _)| format!("{t:?}"));
+    assert_eq!(
+        out,
+        vec![
+            (Tag::Job { slot: 1, op: 0 }, COPIER_MIN as i32),
+            (Tag::Job { slot: 2, op: 0 }, 2 * COPIER_MIN as i32)
+        ]
+    );
+    let at = 2 * COPIER_MIN;
+    assert!(r
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == ((at + i) % 251) as u8));
+    let mut back = vec![0u8; COPIER_MIN];
+    f.read_exact_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&x| x == 0x3c));
+    // The copier signals the completion eventfd the worker sleeps on.
+    assert!(crate::sys::wait_readable(
+        e.completion_fd(),
+        std::time::Duration::ZERO
+    ));
+}
+
+#[test]
+fn a_copier_copy_that_faults_is_redone_through_io_uring() {
+    let len = 4 * COPIER_MIN;
+    let (_t, f) = image(len);
+    let mut e = Engine::mapped(&f, 8, len as u64, true).unwrap();
+    f.set_len(COPIER_MIN as u64).unwrap();
+    let mut r = vec![9u8; COPIER_MIN];
+    let got = run(
+        &mut e,
+        Op::Read {
+            offset: 2 * COPIER_MIN as u64,
+            iov: &[iov(&mut r)],
+        },
+    );
+    assert_eq!(got, 0, "preadv past the new end of file");
+    assert!(matches!(&e, Engine::Mapped(m) if !m.mapped()));
+}
+
+#[test]
+fn a_read_only_mapping_sends_writes_to_io_uring() {
+    let (t, _) = image(8192);
+    let ro = File::open(t.path()).unwrap();
+    let mut e = Engine::mapped(&ro, 8, 8192, false).unwrap();
+    let mut w = vec![1u8; 4096];
+    let r = run(
+        &mut e,
+        Op::Write {
+            offset: 0,
+            iov: &[iov(&mut w)],
+        },
+    );
+    assert_eq!(r, -libc::EBADF, "a read-only file refuses the write");
+}

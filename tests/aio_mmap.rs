@@ -1,0 +1,161 @@
+//! `--aio`: the mapped engine end to end — the real `pinblk` binary, a
+//! libblkio client over its socket, a real image file on tmpfs
+//! (docs/DESIGN.md §6, "Engines").
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{count, events, pattern, scrub, Client, Server};
+
+const MIB: usize = 1 << 20;
+
+/// A fresh directory on tmpfs, or `None` (the test is then skipped) where
+/// this machine has no /dev/shm.
+fn shm_dir() -> Option<tempfile::TempDir> {
+    match tempfile::tempdir_in("/dev/shm") {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("no tmpfs at /dev/shm ({e}): skipped");
+            None
+        }
+    }
+}
+
+/// `pinblk serve` on a fully allocated (written) image of `size` bytes on tmpfs.
+fn start_on_shm(size: usize, extra: &[&str]) -> Option<Server> {
+    let dir = shm_dir()?;
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; size]).unwrap();
+    Some(Server::start_in(dir, image, &[], extra))
+}
+
+#[test]
+fn auto_maps_a_tmpfs_image_and_data_round_trips_inline_and_through_the_copier() {
+    let report_dir = tempfile::tempdir().unwrap();
+    let report = report_dir.path().join("report.jsonl");
+    let Some(srv) = start_on_shm(16 * MIB, &["--report", report.to_str().unwrap()]) else {
+        return;
+    };
+    assert_eq!(
+        srv.logged("aio: mmap (auto: a fully allocated file on tmpfs)"),
+        1,
+        "{}",
+        srv.log_text()
+    );
+    let mut c = Client::connect(&srv.socket, 1, 8 * MIB).unwrap();
+    // 4 KiB: copied inline; 128 KiB and 1 MiB: by the copier thread.
+    let cases = [
+        (0u64, 4096usize, 1u64),
+        (MIB as u64, 128 << 10, 2),
+        (4 * MIB as u64, MIB, 3),
+    ];
+    for &(off, len, seed) in &cases {
+        let data = pattern(seed, len);
+        c.buf()[..len].copy_from_slice(&data);
+        assert_eq!(c.write(0, off, 0, len), 0, "write {len} at {off}");
+    }
+    assert_eq!(c.flush(0), 0);
+    for &(off, len, seed) in &cases {
+        c.buf()[2 * MIB..2 * MIB + len].fill(0);
+        assert_eq!(c.read(0, off, 2 * MIB, len), 0, "read {len} at {off}");
+        assert!(
+            c.buf()[2 * MIB..2 * MIB + len] == pattern(seed, len)[..],
+            "read-back of {len} at {off}"
+        );
+    }
+    // The file holds what was written (the mapping is the page cache).
+    let img = std::fs::read(&srv.image).unwrap();
+    assert!(img[4 * MIB..5 * MIB] == pattern(3, MIB)[..]);
+    // DISCARD goes to io_uring (a punched hole); the mapping reads it as zeros.
+    assert_eq!(c.discard(0, MIB as u64, 65536), 0);
+    c.buf()[..65536].fill(0x55);
+    assert_eq!(c.read(0, MIB as u64, 0, 65536), 0);
+    assert!(c.buf()[..65536].iter().all(|&b| b == 0));
+    drop(c);
+    let image = srv.image.clone();
+    let (status, log, _dir) = srv.stop_keeping_dir(libc::SIGTERM);
+    assert!(status.success(), "{log}");
+    let ev = events(&report);
+    assert_eq!(count(&ev, "checksum_failure"), 0, "{ev:?}");
+    assert_eq!(count(&ev, "torn_write"), 0, "{ev:?}");
+    // Every checksum recorded through the mapped path matches the image.
+    let (ok, code, out) = scrub(&image);
+    assert!(ok, "scrub exit {code:?}: {out}");
+}
+
+#[test]
+fn a_sparse_tmpfs_image_stays_on_io_uring() {
+    let Some(dir) = shm_dir() else {
+        return;
+    };
+    let image = dir.path().join("sparse.img");
+    let srv = Server::start_in(dir, image, &["--size", "16M"], &[]);
+    assert_eq!(
+        srv.logged("aio: io_uring (auto: a sparse file on tmpfs"),
+        1,
+        "{}",
+        srv.log_text()
+    );
+    let mut c = Client::connect(&srv.socket, 1, MIB).unwrap();
+    c.write_flush_read_back(&[0, 8 * MIB as u64]);
+}
+
+#[test]
+fn mmap_with_direct_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let image: PathBuf = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; MIB]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pinblk"))
+        .args(["serve", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--image")
+        .arg(&image)
+        .args(["--aio", "mmap", "--direct", "--checksum", "off"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--aio mmap cannot serve an image opened with --direct")
+            && err.contains("--aio io_uring"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_image_truncated_under_its_mapping_does_not_kill_pinblk() {
+    let Some(srv) = start_on_shm(16 * MIB, &["--aio", "mmap", "--checksum", "off"]) else {
+        return;
+    };
+    let mut c = Client::connect(&srv.socket, 1, 2 * MIB).unwrap();
+    c.buf()[..4096].copy_from_slice(&pattern(5, 4096));
+    assert_eq!(c.write(0, 0, 0, 4096), 0);
+    // Another process shrinks the image to 1 MiB under pinblk.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&srv.image)
+        .unwrap()
+        .set_len(MIB as u64)
+        .unwrap();
+    // Past the new end, through the copier: a SIGBUS in the copy. The
+    // request is redone through io_uring, which reads nothing there: the
+    // driver gets an error, not a dead backend.
+    assert_ne!(c.read(0, 8 * MIB as u64, 0, 128 << 10), 0);
+    assert_eq!(
+        srv.logged("image mapping raised SIGBUS"),
+        1,
+        "{}",
+        srv.log_text()
+    );
+    // The queue goes on with io_uring.
+    c.buf()[..4096].fill(0);
+    assert_eq!(c.read(0, 0, 0, 4096), 0);
+    assert!(c.buf()[..4096] == pattern(5, 4096)[..]);
+    c.buf()[..4096].copy_from_slice(&pattern(6, 4096));
+    assert_eq!(c.write(0, 4096, 0, 4096), 0);
+    assert_eq!(c.flush(0), 0);
+    let img = std::fs::read(&srv.image).unwrap();
+    assert!(img[4096..8192] == pattern(6, 4096)[..]);
+}
