@@ -15,6 +15,9 @@
 #   --results DIR   where logs go (default target/guest-results); kept on failure
 #   --verbose       stream the guest console
 #   --pinblk-arg A  extra argument for pinblk serve (repeatable)
+#   --image-dir DIR put the image in DIR instead of the results directory
+#                   (e.g. /dev/shm: an image in memory, which `--aio auto`
+#                   serves through a mapping; removed at exit)
 #   --loop-device N serve a loop device with N-byte sectors (512 or 4096)
 #                   over the 256M image instead of the file (root; the
 #                   checksum store beside the backing file; detached at exit),
@@ -36,6 +39,7 @@ QUIET=--quiet
 PINBLK_ARGS=()
 EXTRA=()
 LOOP_SECTOR=
+IMAGE_DIR=
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--pinblk) PINBLK=$2; shift 2 ;;
@@ -45,6 +49,7 @@ while [[ $# -gt 0 ]]; do
 	--verbose) QUIET=; shift ;;
 	--pinblk-arg) PINBLK_ARGS+=("$2"); shift 2 ;;
 	--loop-device) LOOP_SECTOR=$2; shift 2 ;;
+	--image-dir) IMAGE_DIR=$2; shift 2 ;;
 	--) shift; EXTRA=("$@"); break ;;
 	-h | --help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
 	*) echo "fio-pinblk: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -69,6 +74,7 @@ if [[ -n $LOOP_SECTOR ]]; then
 		exit 0
 	fi
 fi
+IMAGES=()
 detach_loop() {
 	[[ -n $LOOPDEV ]] || return 0
 	losetup -d "$LOOPDEV" || true
@@ -84,7 +90,7 @@ stop_pinblk() {
 	PID=
 	return $st
 }
-trap 'kill -KILL $PID 2>/dev/null || true; [[ -z $PID ]] || wait $PID 2>/dev/null; detach_loop' EXIT
+trap 'kill -KILL $PID 2>/dev/null || true; [[ -z $PID ]] || wait $PID 2>/dev/null; detach_loop; rm -f "${IMAGES[@]}"' EXIT
 
 failed=0
 summary=()
@@ -94,6 +100,11 @@ for nq in $QUEUES; do
 	sock=$dir/pinblk.sock
 	image=$dir/disk.img
 	image_args=(--size 256M)
+	if [[ -n $IMAGE_DIR ]]; then
+		image=$IMAGE_DIR/pinblk-fio-q$nq-$$.img
+		rm -f "$image" "$image.pinsum"
+		IMAGES+=("$image" "$image.pinsum")
+	fi
 	if [[ -n $LOOP_SECTOR ]]; then
 		truncate -s 256M "$dir/disk.img"
 		LOOPDEV=$(losetup -f --show --sector-size "$LOOP_SECTOR" "$dir/disk.img")
