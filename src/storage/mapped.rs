@@ -304,17 +304,21 @@ fn lock(m: &Mutex<CopierState>) -> MutexGuard<'_, CopierState> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The copier thread: copies jobs in order until told to stop.
+/// The copier thread: copies jobs in order until told to stop (jobs still
+/// waiting then are dropped uncopied).
 fn copier_loop(shared: &CopierShared, map: &ImageMap) {
     loop {
         let job = {
             let mut st = lock(&shared.state);
             loop {
-                if let Some(j) = st.todo.pop_front() {
-                    break j;
-                }
+                // Stopped: the owner drained every operation first (the
+                // Engine contract), so nothing is left; were something
+                // left, its buffers may be gone: it is dropped, not copied.
                 if st.stop {
                     return;
+                }
+                if let Some(j) = st.todo.pop_front() {
+                    break j;
                 }
                 st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
             }

@@ -69,6 +69,9 @@ pub struct QueueWorker {
     /// × queues + `index`, so that two connections' workers of one queue
     /// (a migration's source and destination) never share a slot.
     slot: u16,
+    /// Declared before `jobs`, so dropped first: a mapped engine's copier
+    /// thread is joined while the jobs (and the guest memory their buffers
+    /// are in) still live.
     engine: Engine,
     /// Requests between parsed and done, by slot (the engine's tags name slots).
     jobs: Slots,
