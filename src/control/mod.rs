@@ -292,6 +292,9 @@ fn config(dev: &Device) -> Value {
         "checksums": dev.store().is_some(),
         "range_tracking": dev.ranges().is_some(),
         "image": dev.image().path().display().to_string(),
+        // The engine `--aio` chose at start (a queue whose mapping raised
+        // SIGBUS went on with io_uring: the log says so).
+        "aio": if dev.null() { "null" } else { dev.image().aio().aio.name() },
         "capacity_sectors": c.capacity_sectors,
         "logical_block_size": c.logical_block_size,
         "num_queues": c.num_queues,

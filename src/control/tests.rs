@@ -47,6 +47,8 @@ fn queries_answer_with_return_objects() {
     assert_eq!(r["return"]["on_mismatch"], "report");
     assert_eq!(r["return"]["num_queues"], 2);
     assert_eq!(r["return"]["checksums"], true);
+    // A sparse image (wherever the temporary directory is): io_uring.
+    assert_eq!(r["return"]["aio"], "io_uring");
     let r = exec(&dev, json!({"execute": "query-commands"}));
     assert_eq!(r["return"].as_array().unwrap().len(), COMMANDS.len());
     let r = exec(&dev, json!({"execute": "flush-report"}));
