@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 use super::events::emit;
-use super::job::{Io, Job, Stage};
+use super::job::{ChunkCrcList, Io, Job, Stage};
 use super::memory::with_guest_view;
 use super::QueueWorker;
 use crate::guest::{iter_ranges, read_ranges, SECTOR_SIZE};
@@ -31,7 +31,7 @@ pub(super) const CHECKSUM_WINDOW: usize = 1 << 20;
 /// CRC32C of each 4 KiB chunk of a byte stream fed in pieces of any size
 /// (the last chunk may be shorter).
 struct ChunkCrcs {
-    crcs: Vec<u32>,
+    crcs: ChunkCrcList,
     crc: u32,
     filled: usize,
 }
@@ -40,7 +40,7 @@ impl ChunkCrcs {
     /// For a stream of `len` bytes.
     fn with_len(len: u64) -> ChunkCrcs {
         ChunkCrcs {
-            crcs: Vec::with_capacity(len.div_ceil(BLOCK_SIZE) as usize),
+            crcs: ChunkCrcList::with_capacity(len.div_ceil(BLOCK_SIZE) as usize),
             crc: 0,
             filled: 0,
         }
@@ -65,7 +65,7 @@ impl ChunkCrcs {
     }
 
     /// The CRC of each chunk, in order.
-    fn finish(mut self) -> Vec<u32> {
+    fn finish(mut self) -> ChunkCrcList {
         if self.filled > 0 {
             self.crcs.push(self.crc);
         }
@@ -465,7 +465,7 @@ mod tests {
         for cut in [1usize, 512, 4095, 4096, 5000, data.len()] {
             let mut c = ChunkCrcs::with_len(data.len() as u64);
             data.chunks(cut).for_each(|p| c.feed(p));
-            assert_eq!(c.finish(), want, "pieces of {cut}");
+            assert_eq!(c.finish().to_vec(), want, "pieces of {cut}");
         }
     }
 }

@@ -100,6 +100,10 @@ pub(super) enum Io {
 /// while it is in a slot.
 pub(super) type IoVecs = SmallVec<[IoVec; 4]>;
 
+/// CRC32C of each 4 KiB chunk of a transfer: inline up to 128 KiB (32
+/// chunks), so a WRITE's R3 checksums allocate nothing per request.
+pub(super) type ChunkCrcList = SmallVec<[u32; 32]>;
+
 /// A READ's or WRITE's transfer.
 pub(super) struct Transfer {
     /// Host buffers: into guest memory (zero-copy) or the bounce buffer.
@@ -113,7 +117,7 @@ pub(super) struct Transfer {
     /// The private buffer of a bounced request.
     pub bounce: Option<BounceBuf>,
     /// CRC32C of each 4 KiB chunk of a WRITE's data at submission (R3).
-    pub submitted_crcs: Vec<u32>,
+    pub submitted_crcs: ChunkCrcList,
     /// For a WRITE covering blocks only partly: the checksum of each block
     /// it touches, the image's bytes merged with the submitted ones (empty
     /// for aligned writes, whose `submitted_crcs` are the block checksums).
@@ -354,7 +358,7 @@ mod tests {
                 offset: 0,
                 remaining: 512,
                 bounce: None,
-                submitted_crcs: Vec::new(),
+                submitted_crcs: ChunkCrcList::new(),
                 block_crcs: Vec::new(),
             }),
             range: None,

@@ -20,7 +20,8 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK}
 
 use super::events::{conflict_event, emit};
 use super::job::{
-    advance, host_iovecs, lba_blocks, write_extent, BounceBuf, Io, Job, Park, Stage, Transfer,
+    advance, host_iovecs, lba_blocks, write_extent, BounceBuf, ChunkCrcList, Io, Job, Park, Stage,
+    Transfer,
 };
 use super::memory::{gather, guest_memory_lost, with_guest_view, Reserve};
 
@@ -70,7 +71,7 @@ impl QueueWorker {
                         offset: sector.bytes(),
                         remaining: u64::from(req.data_len),
                         bounce: None,
-                        submitted_crcs: Vec::new(),
+                        submitted_crcs: ChunkCrcList::new(),
                         block_crcs: Vec::new(),
                     }),
                     Err(why) => {
@@ -245,7 +246,7 @@ impl QueueWorker {
         let checksums = self.dev.store().is_some();
         let job = self.job(slot);
         let mut b = BounceBuf::new(len as usize);
-        let mut crcs = Vec::new();
+        let mut crcs = ChunkCrcList::new();
         if job.is_write() {
             // With checksums on, each 4 KiB is checksummed right after it is
             // copied, while in cache (one pass; R3 needs no second one: the
