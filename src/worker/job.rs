@@ -100,9 +100,11 @@ pub(super) enum Io {
 /// while it is in a slot.
 pub(super) type IoVecs = SmallVec<[IoVec; 4]>;
 
-/// CRC32C of each 4 KiB chunk of a transfer: inline up to 128 KiB (32
-/// chunks), so a WRITE's R3 checksums allocate nothing per request.
-pub(super) type ChunkCrcList = SmallVec<[u32; 32]>;
+/// CRC32C of each 4 KiB chunk of a transfer: inline up to 32 KiB (8
+/// chunks), so a small WRITE's R3 checksums allocate nothing (a larger one
+/// allocates once, beside a copy that costs far more; more inline would
+/// grow every job, which moves a few times per request).
+pub(super) type ChunkCrcList = SmallVec<[u32; 8]>;
 
 /// A READ's or WRITE's transfer.
 pub(super) struct Transfer {
