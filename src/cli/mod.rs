@@ -40,9 +40,9 @@ pub enum AioArg {
     /// io_uring readv/writev on the image (asynchronous).
     #[value(name = "io_uring")]
     IoUring,
-    /// memcpy between guest memory and a shared mapping of the image, on the
-    /// queue's thread (fastest for an image in memory; a page-cache miss
-    /// blocks the queue).
+    /// memcpy between guest memory and a shared mapping of the image: on the
+    /// queue's thread below 64 KiB, on its copier thread above (fastest for
+    /// an image in memory; a page-cache miss blocks the copy on the disk).
     Mmap,
 }
 
