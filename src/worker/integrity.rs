@@ -145,7 +145,8 @@ impl QueueWorker {
     /// request may change while the lock is held, merged with the submitted
     /// bytes (so a torn partial-block write fails verification on read-back).
     pub(super) fn integrity_submit(&mut self, slot: u32) {
-        let dev = self.dev.clone();
+        // Field borrows (no Arc clone per request).
+        let dev = &self.dev;
         let Some(store) = dev.store() else {
             return;
         };
@@ -250,7 +251,7 @@ impl QueueWorker {
             self.verify_read(f);
             return;
         }
-        let dev = self.dev.clone();
+        let dev = &self.dev;
         let store = dev.store().expect("checked above");
         let image = dev.image().file();
         let read_image = |off: u64, buf: &mut [u8]| image.read_exact_at(buf, off);

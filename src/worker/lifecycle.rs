@@ -109,8 +109,8 @@ impl QueueWorker {
     fn admit(&mut self, slot: u32) {
         let index = self.index;
         let slot_of_queue = self.slot;
-        let dev = self.dev.clone();
-        let job = self.job(slot);
+        let dev = &self.dev;
+        let job = self.jobs.get_mut(slot).expect("slot is in use");
         let is_write = job.is_write();
         if !matches!(job.io, Io::Transfer(_)) {
             return self.go(slot, false, false);
@@ -131,14 +131,14 @@ impl QueueWorker {
         if conflicts.is_empty() {
             return self.go(slot, action == Action::Bounce, false);
         }
-        let event = conflict_event(index, job, &conflicts, &dev, action, no_stall);
+        let event = conflict_event(index, job, &conflicts, dev, action, no_stall);
         match action {
             Action::ZeroCopy | Action::Bounce => {
-                emit(&dev, &event);
+                emit(dev, &event);
                 self.go(slot, action == Action::Bounce, false)
             }
             Action::Fail => {
-                emit(&dev, &event);
+                emit(dev, &event);
                 self.job(slot).status = IOERR;
                 self.finish(slot)
             }
@@ -180,8 +180,8 @@ impl QueueWorker {
         if !self.lock_range(slot) {
             return self.park(slot, Park::RangeWait);
         }
-        let dev = self.dev.clone();
-        let job = self.job(slot);
+        let dev = &self.dev;
+        let job = self.jobs.get_mut(slot).expect("slot is in use");
         if let Some(pin) = &job.pin {
             dev.pins().mark_submitted(pin);
         }
@@ -214,12 +214,12 @@ impl QueueWorker {
     /// tracking, FLUSH, an empty range); `false` while an earlier
     /// overlapping request holds or waits for them.
     fn lock_range(&mut self, slot: u32) -> bool {
-        let dev = self.dev.clone();
-        let Some(ranges) = dev.ranges() else {
+        // Field borrows, no Arc clone: two atomic RMWs less per request.
+        let Some(ranges) = self.dev.ranges() else {
             return true;
         };
         let slot_of_queue = self.slot;
-        let job = self.job(slot);
+        let job = self.jobs.get_mut(slot).expect("slot is in use");
         if let Some(t) = &job.range {
             return ranges.try_grant(t);
         }
