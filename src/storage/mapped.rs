@@ -36,8 +36,10 @@ use crate::sigbus::{self, WatchedMapping};
 
 /// Smallest READ or WRITE (bytes) handed to the copier thread; smaller ones
 /// are copied inline. A hand-off costs a few microseconds (a futex wake,
-/// an eventfd write, a second thread's cache misses), about what copying
-/// 32 KiB costs here, so only copies well above that gain from it.
+/// an eventfd write, a second thread's cache misses; an estimate, of the
+/// order of copying 32 KiB here), so only copies well above that gain from
+/// it. Measured only at 128 KiB: a sequential READ ran 1.42x
+/// qemu-storage-daemon through the copier against 1.07x copied inline.
 pub const COPIER_MIN: usize = 64 * 1024;
 
 /// A shared mapping of the whole image, watched for SIGBUS.
