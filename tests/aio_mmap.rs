@@ -227,3 +227,64 @@ fn guest_memory_truncated_under_mapped_copies_fails_only_those_requests() {
     // Not the image mapping's SIGBUS: that one is still served through it.
     assert_eq!(server.logged("image mapping raised SIGBUS"), 0);
 }
+
+/// R4 on the mapped engine verifies the guard CRCs the engine took while
+/// it copied (no second pass over guest memory): a byte changed in the
+/// image file behind pinblk's back is still a `checksum_failure` naming the
+/// block, for a 128 KiB READ through the copier and a 4 KiB one inline, and
+/// `--on-mismatch eio` still fails the READ.
+#[test]
+fn a_block_changed_behind_pinblk_fails_verification_from_the_guard_crcs() {
+    use std::os::unix::fs::FileExt;
+    for on_mismatch in ["report", "eio"] {
+        let report_dir = tempfile::tempdir().unwrap();
+        let report = report_dir.path().join("report.jsonl");
+        let Some(srv) = start_on_shm(
+            16 * MIB,
+            &[
+                "--report",
+                report.to_str().unwrap(),
+                "--on-mismatch",
+                on_mismatch,
+            ],
+        ) else {
+            return;
+        };
+        assert_eq!(srv.logged("aio: mmap"), 1, "{}", srv.log_text());
+        let mut c = Client::connect(&srv.socket, 1, 4 * MIB).unwrap();
+        c.buf()[..128 << 10].copy_from_slice(&pattern(7, 128 << 10));
+        assert_eq!(c.write(0, MIB as u64, 0, 128 << 10), 0);
+        c.buf()[..4096].copy_from_slice(&pattern(8, 4096));
+        assert_eq!(c.write(0, 8192, 0, 4096), 0);
+        // Clean reads first: nothing to report.
+        assert_eq!(c.read(0, MIB as u64, MIB, 128 << 10), 0);
+        assert_eq!(c.read(0, 8192, MIB, 4096), 0);
+        assert_eq!(count(&events(&report), "checksum_failure"), 0);
+        // One byte in block 261 (the 128 KiB READ's sixth) and in block 2.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&srv.image)
+            .unwrap();
+        f.write_all_at(
+            &[0x5a ^ pattern(7, 128 << 10)[5 * 4096 + 7]],
+            MIB as u64 + 5 * 4096 + 7,
+        )
+        .unwrap();
+        f.write_all_at(&[0xa5 ^ pattern(8, 4096)[100]], 8192 + 100)
+            .unwrap();
+        let want = if on_mismatch == "eio" { -libc::EIO } else { 0 };
+        assert_eq!(c.read(0, MIB as u64, MIB, 128 << 10), want);
+        assert_eq!(c.read(0, 8192, MIB, 4096), want);
+        let ev = events(&report);
+        let fails: Vec<_> = ev
+            .iter()
+            .filter(|e| e["kind"] == "checksum_failure")
+            .collect();
+        assert_eq!(fails.len(), 2, "{ev:?}");
+        assert_eq!(fails[0]["block"], 261);
+        assert_eq!(fails[1]["block"], 2);
+        assert!(fails
+            .iter()
+            .all(|e| e["rule"] == "R4" && e["expected"] != e["found"]));
+    }
+}

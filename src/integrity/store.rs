@@ -1094,6 +1094,39 @@ impl ChecksumStore {
         self.verify_inner(offset, data, None)
     }
 
+    /// Verifies whole blocks from their CRC32Cs alone: `crcs[i]` is the
+    /// checksum of block `first + i` as read (4096 bytes each; e.g. guard
+    /// CRCs a storage engine took while it copied the data). Returns the
+    /// mismatching blocks in block order, as [`ChecksumStore::verify`].
+    ///
+    /// # Errors
+    /// [`IntegrityError::OutOfRange`] if a block is past the image or
+    /// shorter than 4096 bytes (the image's last, partial block).
+    pub fn verify_crcs(&self, first: u64, crcs: &[u32]) -> Result<Vec<Mismatch>, IntegrityError> {
+        let len = crcs.len() as u64 * BLOCK_SIZE;
+        self.check_range(first * BLOCK_SIZE, len)?;
+        let mut out = Vec::new();
+        for (i, &found) in crcs.iter().enumerate() {
+            let block = first + i as u64;
+            if self.block_len(block) != BLOCK_SIZE as usize {
+                return Err(IntegrityError::OutOfRange {
+                    offset: block * BLOCK_SIZE,
+                    len: BLOCK_SIZE,
+                    image_size: self.layout.image_size,
+                });
+            }
+            let expected = self.entry(block);
+            if expected != found {
+                out.push(Mismatch {
+                    block,
+                    expected,
+                    found,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Like [`ChecksumStore::verify`], but partly covered edge blocks are
     /// verified too: `read_rest(block_offset_bytes, buf)` fills the whole
     /// block from the image, and the read data is laid over it.

@@ -109,6 +109,56 @@ impl Fallocate {
     }
 }
 
+/// Where an engine that makes a READ's copy itself ([`Engine::Mapped`])
+/// puts the CRC32C (Castagnoli, as `integrity::crc32c`) of each 4 KiB
+/// chunk of the bytes it read, from the first byte (the last chunk may be
+/// shorter): guard tags taken by the "device" while the data is in its
+/// cache, as a DIX-capable HBA returns them, so that the queue's thread
+/// need not read the data again to verify it (R4). `done` is set only when
+/// every chunk's CRC was written; an engine that cannot (io_uring, a
+/// mapping lost to SIGBUS) leaves it `false`. Addresses, valid until the
+/// completion is reaped (the [`Engine::push`] contract).
+#[derive(Clone, Copy, Debug)]
+pub struct CrcSink {
+    crcs: *mut u32,
+    n: usize,
+    done: *mut bool,
+}
+
+impl CrcSink {
+    /// A sink for `crcs.len()` chunk CRCs and the `done` flag.
+    ///
+    /// # Safety
+    /// `crcs` and `done` must stay valid and unmoved, and not be accessed
+    /// otherwise, until the completion of the operation carrying the sink
+    /// is reaped.
+    pub unsafe fn new(crcs: &mut [u32], done: &mut bool) -> CrcSink {
+        *done = false;
+        CrcSink {
+            crcs: crcs.as_mut_ptr(),
+            n: crcs.len(),
+            done,
+        }
+    }
+
+    /// Fills the sink with the chunk CRCs of `data` (the bytes read) if it
+    /// has exactly one slot per chunk, and sets `done`.
+    ///
+    /// # Safety
+    /// The sink's contract ([`CrcSink::new`]) holds.
+    pub(super) unsafe fn fill(&self, data: &[u8]) {
+        if data.len().div_ceil(4096) != self.n {
+            return;
+        }
+        for (i, chunk) in data.chunks(4096).enumerate() {
+            // SAFETY: i < n, the slots are valid (contract).
+            unsafe { *self.crcs.add(i) = crc_fast::crc32_iscsi(chunk) };
+        }
+        // SAFETY: valid (contract).
+        unsafe { *self.done = true };
+    }
+}
+
 /// One operation on the image. Offsets and lengths are in bytes of the image.
 #[derive(Clone, Copy, Debug)]
 pub enum Op<'a> {
@@ -118,6 +168,16 @@ pub enum Op<'a> {
         offset: u64,
         /// Destination buffers (at most `IOV_MAX`).
         iov: &'a [IoVec],
+    },
+    /// [`Op::Read`], asking for the chunk CRCs of the bytes read in `crcs`
+    /// (filled by engines that copy the data themselves; others read only).
+    ReadGuarded {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Destination buffers (at most `IOV_MAX`).
+        iov: &'a [IoVec],
+        /// Where the CRCs go.
+        crcs: CrcSink,
     },
     /// pwritev(2) of `iov` at `offset`.
     Write {
@@ -148,7 +208,9 @@ impl Op<'_> {
     /// Total bytes of a READ's or WRITE's buffers (0 for the others).
     fn iov_len(&self) -> usize {
         match self {
-            Op::Read { iov, .. } | Op::Write { iov, .. } => iov.iter().map(|v| v.len).sum(),
+            Op::Read { iov, .. } | Op::ReadGuarded { iov, .. } | Op::Write { iov, .. } => {
+                iov.iter().map(|v| v.len).sum()
+            }
             _ => 0,
         }
     }
@@ -280,7 +342,7 @@ impl Engine {
             // SAFETY: forwarded contract.
             Engine::Mapped(m) => unsafe { m.push(op, tag) },
             Engine::Null(n) => match op {
-                Op::Read { .. } | Op::Write { .. } => n
+                Op::Read { .. } | Op::ReadGuarded { .. } | Op::Write { .. } => n
                     .ready
                     .push_back((tag, op.iov_len().min(i32::MAX as usize) as i32)),
                 // SAFETY: forwarded contract (no buffers in these ops).
@@ -390,7 +452,7 @@ impl UringEngine {
         let fd = types::Fd(self.file.as_raw_fd());
         let ud = tag.encode();
         let sqe = match op {
-            Op::Read { offset, iov } => {
+            Op::Read { offset, iov } | Op::ReadGuarded { offset, iov, .. } => {
                 let n = iov.len().min(libc::UIO_MAXIOV as usize) as u32;
                 opcode::Readv::new(fd, iov.as_ptr().cast::<libc::iovec>(), n)
                     .offset(offset)

@@ -142,7 +142,9 @@ impl FakeEngine {
     pub(super) fn push(&mut self, op: Op<'_>, tag: Tag) {
         let mut st = self.handle.lock();
         let held = match op {
-            Op::Read { offset, iov } => Held::Read(offset, iov.to_vec()),
+            Op::Read { offset, iov } | Op::ReadGuarded { offset, iov, .. } => {
+                Held::Read(offset, iov.to_vec())
+            }
             Op::Write { offset, iov } => Held::Write(offset, iov.to_vec()),
             Op::Flush => Held::Flush,
             Op::SyncStore => Held::SyncStore,

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{IoVec, Op, Tag, UringEngine};
+use super::{CrcSink, IoVec, Op, Tag, UringEngine};
 use crate::sigbus::{self, WatchedMapping};
 
 /// Smallest READ or WRITE (bytes) handed to the copier thread; smaller ones
@@ -93,9 +93,10 @@ impl ImageMap {
     /// read-only mapping, or is over `i32::MAX` bytes: the caller sends it
     /// to io_uring.
     fn fits(&self, op: &Op<'_>) -> Option<RawOp> {
-        let (offset, iov, write) = match *op {
-            Op::Read { offset, iov } => (offset, iov, false),
-            Op::Write { offset, iov } if self.writable => (offset, iov, true),
+        let (offset, iov, write, sink) = match *op {
+            Op::Read { offset, iov } => (offset, iov, false, None),
+            Op::ReadGuarded { offset, iov, crcs } => (offset, iov, false, Some(crcs)),
+            Op::Write { offset, iov } if self.writable => (offset, iov, true, None),
             _ => return None,
         };
         let total = iov.iter().try_fold(0usize, |a, v| a.checked_add(v.len))?;
@@ -109,7 +110,31 @@ impl ImageMap {
             n: iov.len(),
             total,
             write,
+            sink,
         })
+    }
+
+    /// Fills a READ's CRC sink (if it has one) from the bytes it copied,
+    /// read again from the mapping while they are still in this core's
+    /// cache. Call only when the copy did not fault.
+    ///
+    /// # Safety
+    /// As [`ImageMap::copy_raw`].
+    unsafe fn guard(&self, raw: &RawOp) {
+        let Some(sink) = raw.sink else {
+            return;
+        };
+        // SAFETY: `[offset, offset + total)` lies inside the mapping
+        // (`fits`), which stays mapped while `self` lives. A `&[u8]` over
+        // shared file pages another queue may be writing: plain bytes with
+        // no validity invariant, read once by the CRC; the range locks of
+        // the checksum store keep WRITEs off a READ's blocks while it is in
+        // flight, so the CRC sees the bytes just copied.
+        let data = unsafe {
+            std::slice::from_raw_parts((self.base + raw.offset as usize) as *const u8, raw.total)
+        };
+        // SAFETY: the sink's contract is the caller's (Engine::push).
+        unsafe { sink.fill(data) };
     }
 
     /// Makes the copy `raw` describes; returns its length in bytes.
@@ -177,6 +202,8 @@ struct RawOp {
     total: usize,
     /// A WRITE (image ← buffers), else a READ.
     write: bool,
+    /// A READ's guard CRCs ([`Op::ReadGuarded`]).
+    sink: Option<CrcSink>,
 }
 
 impl RawOp {
@@ -207,10 +234,11 @@ struct CopyJob {
     op: RawOp,
 }
 
-// SAFETY: a CopyJob carries addresses, not ownership: the iovec array and
-// the buffers it points to stay valid until the job's completion is reaped
-// (the Engine::push contract), which happens only after the copier thread
-// has handed the job back; nothing else in it is thread-bound.
+// SAFETY: a CopyJob carries addresses, not ownership: the iovec array, the
+// buffers it points to and a READ's CRC sink stay valid until the job's
+// completion is reaped (the Engine::push contract), which happens only
+// after the copier thread has handed the job back (under the mutex, so its
+// writes are seen); nothing else in it is thread-bound.
 unsafe impl Send for CopyJob {}
 
 /// What the owner and the copier thread share.
@@ -329,6 +357,10 @@ fn copier_loop(shared: &CopierShared, map: &ImageMap) {
         // stay valid until its completion is reaped, after we hand it back.
         let n = unsafe { map.copy_raw(&job.op) };
         let faulted = map.faulted();
+        if !faulted {
+            // SAFETY: as for the copy.
+            unsafe { map.guard(&job.op) };
+        }
         {
             let mut st = lock(&shared.state);
             st.done.push((job, n, faulted));
@@ -400,6 +432,8 @@ impl MappedEngine {
                 // SAFETY: forwarded contract; `fits` checked the range.
                 let n = unsafe { map.copy_raw(&raw) };
                 if !map.faulted() {
+                    // SAFETY: as for the copy.
+                    unsafe { map.guard(&raw) };
                     self.ready.push_back((tag, n));
                     return;
                 }

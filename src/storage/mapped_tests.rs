@@ -1,7 +1,7 @@
 //! Unit tests of the mapped engine ([`super`]): real files, real mappings, real SIGBUS.
 use std::os::unix::fs::FileExt;
 
-use super::super::{Engine, IoVec};
+use super::super::{CrcSink, Engine, IoVec};
 use super::*;
 
 fn image(len: usize) -> (tempfile::NamedTempFile, File) {
@@ -204,4 +204,47 @@ fn a_read_only_mapping_sends_writes_to_io_uring() {
         },
     );
     assert_eq!(r, -libc::EBADF, "a read-only file refuses the write");
+}
+
+#[test]
+fn a_guarded_read_gets_the_crc_of_each_4k_chunk_inline_and_from_the_copier() {
+    let len = 4 * COPIER_MIN;
+    let (_t, f) = image(len);
+    let mut e = Engine::mapped(&f, 8, len as u64, true).unwrap();
+    for (offset, n) in [(4096u64, 8192usize), (COPIER_MIN as u64, 2 * COPIER_MIN)] {
+        let mut buf = vec![0u8; n];
+        let mut crcs = vec![0u32; n / 4096];
+        let mut done = true;
+        // SAFETY: `crcs` and `done` outlive the completion reaped by `run`.
+        let sink = unsafe { CrcSink::new(&mut crcs, &mut done) };
+        assert!(!done, "a new sink starts not done");
+        let r = run(
+            &mut e,
+            Op::ReadGuarded {
+                offset,
+                iov: &[iov(&mut buf)],
+                crcs: sink,
+            },
+        );
+        assert_eq!(r, n as i32);
+        assert!(done, "{n} bytes at {offset}: the engine filled the sink");
+        let want: Vec<u32> = buf.chunks(4096).map(crc_fast::crc32_iscsi).collect();
+        assert_eq!(crcs, want);
+    }
+    // Past the mapped end the READ goes to io_uring: no guard CRCs.
+    let mut buf = vec![0u8; 8192];
+    let mut crcs = vec![0u32; 2];
+    let mut done = false;
+    // SAFETY: as above.
+    let sink = unsafe { CrcSink::new(&mut crcs, &mut done) };
+    let r = run(
+        &mut e,
+        Op::ReadGuarded {
+            offset: len as u64 - 4096,
+            iov: &[iov(&mut buf)],
+            crcs: sink,
+        },
+    );
+    assert_eq!(r, 4096);
+    assert!(!done);
 }

@@ -159,9 +159,9 @@ impl QueueWorker {
         let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
         // A bounced WRITE's chunk CRCs were taken while it was copied in
         // (fused copy and checksum); its buffer is stable since.
-        let fused = f.transfer().is_some_and(|t| {
-            t.bounce.is_some() && t.submitted_crcs.len() as u64 == len.div_ceil(BLOCK_SIZE)
-        });
+        let fused = f
+            .transfer()
+            .is_some_and(|t| t.bounce.is_some() && t.crcs.len() as u64 == len.div_ceil(BLOCK_SIZE));
         if aligned && fused {
             return;
         }
@@ -206,7 +206,7 @@ impl QueueWorker {
         }
         if let Io::Transfer(t) = &mut f.io {
             if !fused {
-                t.submitted_crcs = chunks.finish();
+                t.crcs = chunks.finish();
             }
             t.block_crcs = merged;
         }
@@ -243,7 +243,7 @@ impl QueueWorker {
             }
             return;
         }
-        let submitted = f.transfer().map_or(0, |t| t.submitted_crcs.len());
+        let submitted = f.transfer().map_or(0, |t| t.crcs.len());
         if f.is_write() && f.bounce().is_none() && submitted > 0 {
             self.check_torn(f);
         }
@@ -260,10 +260,10 @@ impl QueueWorker {
         let res = match (&f.req.command, &mut f.io) {
             (Command::Write { .. }, Io::Transfer(t)) => {
                 let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
-                if aligned && t.submitted_crcs.len() as u64 == len / BLOCK_SIZE {
+                if aligned && t.crcs.len() as u64 == len / BLOCK_SIZE {
                     // The stored checksum is the submitted one (R3).
                     let first = offset / BLOCK_SIZE;
-                    t.submitted_crcs
+                    t.crcs
                         .iter()
                         .enumerate()
                         .try_for_each(|(i, &c)| store.set_expected(first + i as u64, c))
@@ -312,7 +312,7 @@ impl QueueWorker {
         }
         let later = chunks.finish();
         let offset = f.req.sector().bytes();
-        let submitted = f.transfer().map_or(&[][..], |t| &t.submitted_crcs[..]);
+        let submitted = f.transfer().map_or(&[][..], |t| &t.crcs[..]);
         for (i, (&sub, &lat)) in submitted.iter().zip(&later).enumerate() {
             if sub == lat {
                 continue;
@@ -369,7 +369,19 @@ impl QueueWorker {
         let offset = f.req.sector().bytes();
         let mut mismatches = Vec::new();
         let id = f.id;
-        if !Self::each_view(f, |data| match store.verify(offset, data) {
+        let guard = f.transfer().filter(|t| t.guard_done).map(|t| &t.crcs[..]);
+        if let Some(crcs) = guard {
+            // The engine's guard CRCs, taken as it copied the data: no
+            // second pass over the guest buffer (and nothing the guest
+            // wrote there since can be taken for the data read).
+            match store.verify_crcs(offset / BLOCK_SIZE, crcs) {
+                Ok(m) => mismatches = m,
+                Err(e) => {
+                    log::error!("request {id}: verify: {e}");
+                    return;
+                }
+            }
+        } else if !Self::each_view(f, |data| match store.verify(offset, data) {
             Ok(m) => {
                 mismatches = m;
                 true

@@ -118,12 +118,19 @@ pub(super) struct Transfer {
     pub remaining: u64,
     /// The private buffer of a bounced request.
     pub bounce: Option<BounceBuf>,
-    /// CRC32C of each 4 KiB chunk of a WRITE's data at submission (R3).
-    pub submitted_crcs: ChunkCrcList,
+    /// CRC32C of each 4 KiB chunk of the data: for a WRITE, taken at
+    /// submission (R3); for a READ, the guard CRCs the storage engine took
+    /// as it read (`storage::CrcSink`; only engines that copy the data
+    /// themselves fill them), valid when `guard_done`, which R4 then
+    /// verifies instead of reading guest memory again.
+    pub crcs: ChunkCrcList,
     /// For a WRITE covering blocks only partly: the checksum of each block
     /// it touches, the image's bytes merged with the submitted ones (empty
-    /// for aligned writes, whose `submitted_crcs` are the block checksums).
+    /// for aligned writes, whose `crcs` are the block checksums).
     pub block_crcs: Vec<u32>,
+    /// A READ's `crcs` are the engine's guard CRCs (set false when the
+    /// sink is made, true by the engine).
+    pub guard_done: bool,
 }
 
 impl Job {
@@ -360,8 +367,9 @@ mod tests {
                 offset: 0,
                 remaining: 512,
                 bounce: None,
-                submitted_crcs: ChunkCrcList::new(),
+                crcs: ChunkCrcList::new(),
                 block_crcs: Vec::new(),
+                guard_done: false,
             }),
             range: None,
             intent: None,

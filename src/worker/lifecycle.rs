@@ -31,7 +31,7 @@ use crate::integrity::{copy_crc32c_blocks, BLOCK_SIZE};
 use crate::pin::policy::{decide, Action};
 use crate::pin::{Direction, PinRef};
 use crate::storage::engine::{Fallocate, IoVec};
-use crate::storage::{Op, Tag};
+use crate::storage::{CrcSink, Op, Tag};
 use crate::virtio_blk::{parse, Command, Limits, Segment};
 
 pub(super) const OK: u8 = VIRTIO_BLK_S_OK as u8;
@@ -71,8 +71,9 @@ impl QueueWorker {
                         offset: sector.bytes(),
                         remaining: u64::from(req.data_len),
                         bounce: None,
-                        submitted_crcs: ChunkCrcList::new(),
+                        crcs: ChunkCrcList::new(),
                         block_crcs: Vec::new(),
+                        guard_done: false,
                     }),
                     Err(why) => {
                         log::warn!(
@@ -270,7 +271,7 @@ impl QueueWorker {
             }
         }
         if let Io::Transfer(t) = &mut job.io {
-            t.submitted_crcs = crcs;
+            t.crcs = crcs;
             t.iov = smallvec![IoVec {
                 base: b.bytes().as_ptr() as usize,
                 len: b.len(),
@@ -285,6 +286,7 @@ impl QueueWorker {
     /// rest of a short transfer otherwise). Completes at once if there is
     /// nothing to do.
     fn issue(&mut self, slot: u32) {
+        let guarded = self.dev.store().is_some();
         let job = self.jobs.get_mut(slot).expect("issued slot is in use");
         let mut ops = 0u16;
         let mut push = |engine: &mut crate::storage::Engine, op: Op<'_>| {
@@ -298,22 +300,48 @@ impl QueueWorker {
             unsafe { engine.push(op, Tag::Job { slot, op: ops }) };
             ops += 1;
         };
-        match (&job.io, job.is_read()) {
-            (Io::Transfer(t), read) => {
+        let data_len = u64::from(job.req.data_len);
+        let read = job.is_read();
+        match &mut job.io {
+            Io::Transfer(t) => {
                 if t.remaining > 0 {
-                    let iov = &t.iov[t.iov_start..];
                     let offset = t.offset;
-                    push(
-                        &mut self.engine,
-                        if read {
-                            Op::Read { offset, iov }
-                        } else {
-                            Op::Write { offset, iov }
-                        },
-                    );
+                    // A whole, block-aligned, zero-copy READ with checksums
+                    // on asks the engine for guard CRCs (R4 from them).
+                    let guard = read
+                        && guarded
+                        && t.bounce.is_none()
+                        && t.remaining == data_len
+                        && offset.is_multiple_of(BLOCK_SIZE)
+                        && data_len.is_multiple_of(BLOCK_SIZE);
+                    let op = if guard {
+                        t.crcs.clear();
+                        t.crcs.resize((data_len / BLOCK_SIZE) as usize, 0);
+                        // SAFETY: `crcs` and `guard_done` live in the job's
+                        // `Transfer`, which stays in its slot unmoved
+                        // (`Slots` boxes every slot) and is not touched
+                        // until the READ's completion is reaped.
+                        let crcs = unsafe { CrcSink::new(&mut t.crcs, &mut t.guard_done) };
+                        Op::ReadGuarded {
+                            offset,
+                            iov: &t.iov[t.iov_start..],
+                            crcs,
+                        }
+                    } else if read {
+                        Op::Read {
+                            offset,
+                            iov: &t.iov[t.iov_start..],
+                        }
+                    } else {
+                        Op::Write {
+                            offset,
+                            iov: &t.iov[t.iov_start..],
+                        }
+                    };
+                    push(&mut self.engine, op);
                 }
             }
-            (Io::Flush(_), _) => {
+            Io::Flush(_) => {
                 // Image and checksum store synced at once, both off this
                 // thread; the FLUSH completes when both did.
                 push(&mut self.engine, Op::Flush);
@@ -321,7 +349,7 @@ impl QueueWorker {
                     push(&mut self.engine, Op::SyncStore);
                 }
             }
-            (Io::Segments(segs), _) => {
+            Io::Segments(segs) => {
                 let zeroing = matches!(job.req.command, Command::WriteZeroes(_));
                 for s in segs {
                     let how = if zeroing && !s.unmap {
