@@ -1115,16 +1115,22 @@ impl ChecksumStore {
                     image_size: self.layout.image_size,
                 });
             }
-            let expected = self.entry(block);
-            if expected != found {
-                out.push(Mismatch {
-                    block,
-                    expected,
-                    found,
-                });
-            }
+            self.compare(block, found, &mut out);
         }
         Ok(out)
+    }
+
+    /// Appends a [`Mismatch`] to `out` if `found` is not the stored
+    /// checksum of `block`.
+    fn compare(&self, block: u64, found: u32, out: &mut Vec<Mismatch>) {
+        let expected = self.entry(block);
+        if expected != found {
+            out.push(Mismatch {
+                block,
+                expected,
+                found,
+            });
+        }
     }
 
     /// Like [`ChecksumStore::verify`], but partly covered edge blocks are
@@ -1292,14 +1298,7 @@ impl ChecksumStore {
                 g.take(e - s, |_| {});
                 continue;
             };
-            let expected = self.entry(block);
-            if expected != found {
-                out.push(Mismatch {
-                    block,
-                    expected,
-                    found,
-                });
-            }
+            self.compare(block, found, &mut out);
         }
         Ok(out)
     }
