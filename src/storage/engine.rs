@@ -109,6 +109,9 @@ impl Fallocate {
     }
 }
 
+/// Bytes per guard CRC ([`CrcSink`]): the checksum store's 4 KiB block.
+pub const GUARD_CHUNK: usize = 4096;
+
 /// Where an engine that makes a READ's copy itself ([`Engine::Mapped`])
 /// puts the CRC32C (Castagnoli, as `integrity::crc32c`) of each 4 KiB
 /// chunk of the bytes it read, from the first byte (the last chunk may be
@@ -147,10 +150,10 @@ impl CrcSink {
     /// # Safety
     /// The sink's contract ([`CrcSink::new`]) holds.
     pub(super) unsafe fn fill(&self, data: &[u8]) {
-        if data.len().div_ceil(4096) != self.n {
+        if data.len().div_ceil(GUARD_CHUNK) != self.n {
             return;
         }
-        for (i, chunk) in data.chunks(4096).enumerate() {
+        for (i, chunk) in data.chunks(GUARD_CHUNK).enumerate() {
             // SAFETY: i < n, the slots are valid (contract).
             unsafe { *self.crcs.add(i) = crc_fast::crc32_iscsi(chunk) };
         }

@@ -180,8 +180,10 @@ impl Drop for ImageMap {
     fn drop(&mut self) {
         // Stop the watch first: once unmapped, the range may be reused.
         drop(self.watch.take());
-        // SAFETY: `base`/`len` are the mapping made in `new`, unmapped once;
-        // no copy is running (copies are synchronous on the owning thread).
+        // SAFETY: `base`/`len` are the mapping made in `new`, unmapped once.
+        // This is the last `Arc` of the mapping: the engine's is gone and the
+        // copier thread, which holds the other, has been joined, so no copy
+        // (inline or the copier's) is running or can start.
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
     }
 }
@@ -463,7 +465,9 @@ impl MappedEngine {
             if self.copier.in_flight == 0 {
                 return self.uring.ring.submit_and_wait(1).map(drop);
             }
-            self.uring.ring.submit()?;
+            // EBUSY and EINTR are normal here too (logged otherwise): the
+            // loop checks again, as the engine's other submits do.
+            super::submit(&mut self.uring.ring);
             // Reset, check again, then sleep until the copier or io_uring
             // writes the eventfd (bounded: re-checked every 10 ms).
             let _ = self.uring.eventfd.read();

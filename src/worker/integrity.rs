@@ -364,7 +364,7 @@ impl QueueWorker {
     /// re-read from the image into a private buffer (R4) before it is
     /// reported as a `checksum_failure`.
     fn verify_read(&mut self, f: &mut Job) {
-        let dev = self.dev.clone();
+        let dev = &self.dev;
         let store = dev.store().expect("checked by caller");
         let offset = f.req.sector().bytes();
         let mut mismatches = Vec::new();

@@ -30,7 +30,7 @@ use crate::guest::{mark_dirty, write_ranges};
 use crate::integrity::{copy_crc32c_blocks, BLOCK_SIZE};
 use crate::pin::policy::{decide, Action};
 use crate::pin::{Direction, PinRef};
-use crate::storage::engine::{Fallocate, IoVec};
+use crate::storage::engine::{Fallocate, IoVec, GUARD_CHUNK};
 use crate::storage::{CrcSink, Op, Tag};
 use crate::virtio_blk::{parse, Command, Limits, Segment};
 
@@ -308,6 +308,7 @@ impl QueueWorker {
                     let offset = t.offset;
                     // A whole, block-aligned, zero-copy READ with checksums
                     // on asks the engine for guard CRCs (R4 from them).
+                    const _: () = assert!(GUARD_CHUNK as u64 == BLOCK_SIZE);
                     let guard = read
                         && guarded
                         && t.bounce.is_none()
