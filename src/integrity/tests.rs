@@ -250,6 +250,28 @@ fn verify_finds_mismatches_and_skips_partial_edges() {
 }
 
 #[test]
+fn verify_crcs_compares_whole_blocks_and_refuses_a_short_last_block() {
+    // 8 whole blocks and a 512-byte ninth.
+    let img = Img::new(8 * 4096 + 512, 11);
+    let (store, _) = img.open();
+    let data = img.read(0, 8 * 4096);
+    let mut crcs: Vec<u32> = data.chunks(4096).map(crc32c).collect();
+    assert_eq!(store.verify_crcs(0, &crcs).unwrap(), vec![]);
+    crcs[5] ^= 1;
+    let m = store.verify_crcs(2, &crcs[2..7]).unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!((m[0].block, m[0].found), (5, crcs[5]));
+    assert_eq!(m[0].expected, store.expected(5).unwrap());
+    // The same answer as verifying the data itself.
+    let mut flipped = data.clone();
+    flipped[5 * 4096] ^= 0x80;
+    assert_eq!(store.verify(0, &[&flipped]).unwrap()[0].block, 5);
+    // Block 8 is 512 bytes: no whole-block CRC can describe it.
+    assert!(store.verify_crcs(8, &[0]).is_err());
+    assert!(store.verify_crcs(7, &[0, 0]).is_err());
+}
+
+#[test]
 fn concurrent_writers_on_different_blocks() {
     let img = Img::new(64 * 4096, 10);
     let (store, _) = img.open();

@@ -144,11 +144,14 @@ fn large_copies_go_to_the_copier_and_complete_later() {
         )
     };
     e.submit();
+    // Copies in the copier's hands: the worker does not busy-poll for them.
+    assert!(e.copying());
     let mut out = Vec::new();
     while out.len() < 2 {
         e.wait().unwrap();
         e.reap(&mut out);
     }
+    assert!(!e.copying(), "both reaped");
     out.sort_by_key(|(t, _)| format!("{t:?}"));
     assert_eq!(
         out,
