@@ -174,6 +174,23 @@ impl ImageMap {
     fn faulted(&self) -> bool {
         self.watch.as_ref().is_some_and(WatchedMapping::faulted)
     }
+
+    /// Makes the copy `raw` describes and, unless the mapping faulted
+    /// meanwhile, fills its guard CRCs: the bytes copied, or `None` after a
+    /// SIGBUS in the mapping (the operation must then be redone another way).
+    ///
+    /// # Safety
+    /// As [`ImageMap::copy_raw`].
+    unsafe fn transfer(&self, raw: &RawOp) -> Option<i32> {
+        // SAFETY: forwarded contract.
+        let n = unsafe { self.copy_raw(raw) };
+        if self.faulted() {
+            return None;
+        }
+        // SAFETY: forwarded contract; the copy did not fault.
+        unsafe { self.guard(raw) };
+        Some(n)
+    }
 }
 
 impl Drop for ImageMap {
@@ -256,8 +273,8 @@ struct CopierShared {
 
 struct CopierState {
     todo: VecDeque<CopyJob>,
-    /// Copied jobs with their result, and whether the mapping had faulted.
-    done: Vec<(CopyJob, i32, bool)>,
+    /// Copied jobs with their result (`None`: the mapping faulted).
+    done: Vec<(CopyJob, Option<i32>)>,
     stop: bool,
 }
 
@@ -303,7 +320,7 @@ impl Copier {
     }
 
     /// Takes the copied jobs.
-    fn take_done(&mut self, into: &mut Vec<(CopyJob, i32, bool)>) {
+    fn take_done(&mut self, into: &mut Vec<(CopyJob, Option<i32>)>) {
         if self.shared.done_count.load(Ordering::Acquire) == 0 {
             return;
         }
@@ -357,15 +374,10 @@ fn copier_loop(shared: &CopierShared, map: &ImageMap) {
         };
         // SAFETY: `job.op` came from `fits` on this mapping, and its buffers
         // stay valid until its completion is reaped, after we hand it back.
-        let n = unsafe { map.copy_raw(&job.op) };
-        let faulted = map.faulted();
-        if !faulted {
-            // SAFETY: as for the copy.
-            unsafe { map.guard(&job.op) };
-        }
+        let n = unsafe { map.transfer(&job.op) };
         {
             let mut st = lock(&shared.state);
-            st.done.push((job, n, faulted));
+            st.done.push((job, n));
             // Under the lock, so it never counts a job already taken.
             shared.done_count.fetch_add(1, Ordering::AcqRel);
         }
@@ -384,7 +396,7 @@ pub struct MappedEngine {
     /// before the mapping goes).
     copier: Copier,
     /// Reused buffer of copied jobs (no allocation per reap).
-    copied: Vec<(CopyJob, i32, bool)>,
+    copied: Vec<(CopyJob, Option<i32>)>,
 }
 
 impl MappedEngine {
@@ -432,10 +444,7 @@ impl MappedEngine {
                     return;
                 }
                 // SAFETY: forwarded contract; `fits` checked the range.
-                let n = unsafe { map.copy_raw(&raw) };
-                if !map.faulted() {
-                    // SAFETY: as for the copy.
-                    unsafe { map.guard(&raw) };
+                if let Some(n) = unsafe { map.transfer(&raw) } {
                     self.ready.push_back((tag, n));
                     return;
                 }
@@ -482,8 +491,8 @@ impl MappedEngine {
         out.extend(self.ready.drain(..));
         let mut copied = std::mem::take(&mut self.copied);
         self.copier.take_done(&mut copied);
-        for (job, n, faulted) in copied.drain(..) {
-            if !faulted {
+        for (job, n) in copied.drain(..) {
+            if let Some(n) = n {
                 out.push((job.tag, n));
                 continue;
             }
