@@ -7,6 +7,8 @@ pub mod config;
 pub mod request;
 
 #[cfg(test)]
+mod ring_access_tests;
+#[cfg(test)]
 pub(crate) mod test_util;
 
 pub use request::{parse, Command, Limits, Refused, Request, RequestError, Segment};

@@ -14,7 +14,7 @@ use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapReplace, MemRegionBitma
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::GuestMemoryBackend;
 
 use super::test_util::{
     fill, image_bytes, pattern, r, w, Driver, FakeRig, Io, IOERR, MEM_SIZE, OK, UNSET,
@@ -48,7 +48,10 @@ impl DirtyLog {
         let log = Arc::new(MmapLogReg::from_file(file.as_fd(), 0, len).unwrap());
         for region in gm.iter() {
             let bitmap = AtomicBitmapMmap::new(region, log.clone()).unwrap();
-            region.bitmap().replace(bitmap);
+            // The mapping's own bitmap, as SET_LOG_BASE replaces it (the
+            // region's `GuestMemoryRegion::bitmap` is a borrowed slice of it).
+            let mapping: &vm_memory::MmapRegion<_> = region;
+            mapping.bitmap().replace(bitmap);
         }
         DirtyLog { file }
     }

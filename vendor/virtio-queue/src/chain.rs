@@ -15,7 +15,7 @@ use std::mem::size_of;
 use std::ops::Deref;
 
 use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, GuestAddress, GuestMemory};
 
 use crate::{desc::split::Descriptor, Error, Reader, Writer};
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_ALIGN_SIZE;
@@ -176,7 +176,8 @@ where
 
         // The guest device driver should not touch the descriptor once submitted, so it's safe
         // to use read_obj() here.
-        let desc = self.mem.read_obj::<Descriptor>(desc_addr).ok()?;
+        // pinblk: one region lookup per descriptor (`crate::fast`).
+        let desc = crate::fast::read_obj::<_, Descriptor>(self.mem.deref(), desc_addr).ok()?;
 
         if desc.refers_to_indirect_table() {
             self.switch_to_indirect_table(desc).ok()?;

@@ -35,6 +35,9 @@ pub mod mock;
 
 mod chain;
 mod descriptor_utils;
+// pinblk: small ring accesses with one region lookup (PINBLK-PATCHES.md, 2).
+#[doc(hidden)]
+pub mod fast;
 mod queue;
 mod queue_sync;
 mod state;

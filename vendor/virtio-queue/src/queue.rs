@@ -207,8 +207,8 @@ impl Queue {
             .checked_add(avail_event_offset)
             .ok_or(Error::AddressOverflow)?;
 
-        mem.store(u16::to_le(val), addr, order)
-            .map_err(Error::GuestMemory)
+        // pinblk: `crate::fast`.
+        crate::fast::store_u16(mem, u16::to_le(val), addr, order).map_err(Error::GuestMemory)
     }
 
     // Set the value of the `flags` field of the used ring, applying the specified ordering.
@@ -265,7 +265,8 @@ impl Queue {
             .checked_add(used_event_offset)
             .ok_or(Error::AddressOverflow)?;
 
-        mem.load(used_event_addr, order)
+        // pinblk: `crate::fast`.
+        crate::fast::load_u16(mem, used_event_addr, order)
             .map(u16::from_le)
             .map(Wrapping)
             .map_err(Error::GuestMemory)
@@ -420,7 +421,8 @@ impl QueueT for Queue {
             .checked_add(2)
             .ok_or(Error::AddressOverflow)?;
 
-        mem.load(addr, order)
+        // pinblk: `crate::fast`.
+        crate::fast::load_u16(mem, addr, order)
             .map(u16::from_le)
             .map(Wrapping)
             .map_err(Error::GuestMemory)
@@ -460,13 +462,16 @@ impl QueueT for Queue {
             .used_ring
             .checked_add(offset)
             .ok_or(Error::AddressOverflow)?;
-        mem.write_obj(VirtqUsedElem::new(head_index.into(), len), addr)
+        // pinblk: `crate::fast`.
+        crate::fast::write_obj(mem, VirtqUsedElem::new(head_index.into(), len), addr)
             .map_err(Error::GuestMemory)?;
 
         self.next_used += Wrapping(1);
         self.num_added += Wrapping(1);
 
-        mem.store(
+        // pinblk: `crate::fast`.
+        crate::fast::store_u16(
+            mem,
             u16::to_le(self.next_used.0),
             self.used_ring
                 .checked_add(2)
@@ -740,9 +745,8 @@ where
         let offset = VIRTQ_AVAIL_RING_HEADER_SIZE + elem_off;
 
         let addr = self.avail_ring.checked_add(offset)?;
-        let head_index: u16 = self
-            .mem
-            .load(addr, Ordering::Acquire)
+        // pinblk: `crate::fast`.
+        let head_index: u16 = crate::fast::load_u16(self.mem.deref(), addr, Ordering::Acquire)
             .map(u16::from_le)
             .map_err(|_| error!("Failed to read from memory {:x}", addr.raw_value()))
             .ok()?;
