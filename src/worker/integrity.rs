@@ -10,7 +10,7 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK}
 
 use super::events::emit;
 use super::job::{ChunkCrcList, Io, Job, Stage};
-use super::memory::with_guest_view;
+use super::memory::{with_guest_view, with_iov_view};
 use super::QueueWorker;
 use crate::guest::{iter_ranges, read_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
@@ -84,7 +84,14 @@ impl QueueWorker {
         if let Some(b) = f.bounce() {
             return each(&[b.bytes()]);
         }
-        match with_guest_view(&f.mem, &f.req.data, each) {
+        // The transfer's host iovecs when they still cover the buffer (no
+        // region lookups), else a fresh translation of the guest ranges.
+        let mut each = Some(each);
+        let viewed = match with_iov_view(f, |data| (each.take().expect("once"))(data)) {
+            Some(ok) => Ok(ok),
+            None => with_guest_view(&f.mem, &f.req.data, each.take().expect("not called")),
+        };
+        match viewed {
             Err(e) => {
                 log::warn!("request {}: cannot checksum the guest buffer: {e}", f.id);
                 false

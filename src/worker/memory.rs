@@ -139,6 +139,37 @@ pub(super) fn with_guest_view<R>(
     })
 }
 
+/// Runs `f` on a read-only view of `job`'s data buffer through the host
+/// iovecs its transfer already holds (translated once, when the request was
+/// parsed), with no region lookup; `None` (and `f` not called) if those
+/// iovecs no longer cover the whole buffer (a short transfer advanced them),
+/// if there are more than [`VIEW_INLINE`], or if the job has no transfer.
+/// The caller handles a bounced job first: then the iovecs are its bounce
+/// buffer's. The same caveats as [`with_guest_view`] apply (the guest may
+/// store into the bytes; lost memory reads as zeroes and the caller asks
+/// [`sigbus::lost`]).
+pub(super) fn with_iov_view<R>(job: &Job, f: impl FnOnce(&[&[u8]]) -> R) -> Option<R> {
+    let t = job.transfer()?;
+    let whole = t.iov_start == 0
+        && t.iov.len() <= VIEW_INLINE
+        && t.iov.iter().map(|v| v.len as u64).sum::<u64>() == u64::from(job.req.data_len);
+    if !whole {
+        return None;
+    }
+    let mut views: [&[u8]; VIEW_INLINE] = [&[]; VIEW_INLINE];
+    for (view, v) in views.iter_mut().zip(&t.iov) {
+        // SAFETY: `host_iovecs` made each iovec from a range inside one mapped
+        // region of `job.mem` (or the job's bounce buffer, owned by the job),
+        // and `job` (which owns that `Arc` snapshot of guest memory) is
+        // borrowed while the view lives, so the pages stay mapped; `u8` has
+        // no invalid values; the view goes to `f` only. As in
+        // `with_guest_view`, the guest may store into the bytes while `f`
+        // reads them, which only changes what `f` computes from them.
+        *view = unsafe { std::slice::from_raw_parts(v.base as *const u8, v.len) };
+    }
+    Some(f(&views[..t.iov.len()]))
+}
+
 /// Copies the scatter list `src` (concatenated) into `dst`, which it fills.
 pub(super) fn gather(dst: &mut [u8], src: &[&[u8]]) {
     let mut at = 0;
