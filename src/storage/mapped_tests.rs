@@ -126,19 +126,23 @@ fn large_copies_go_to_the_copier_and_complete_later() {
     let mut e = Engine::mapped(&f, 8, len as u64, true).unwrap();
     let mut w = vec![0x3cu8; COPIER_MIN];
     let mut r = vec![0u8; 2 * COPIER_MIN];
-    // SAFETY: both buffers outlive the reaps below.
+    // The iovec arrays too, not temporaries of the push statements: the
+    // copier reads them after `push` returns (a temporary array was freed at
+    // the `;`, and a release build reused its stack slot: SIGSEGV).
+    let (wv, rv) = ([iov(&mut w)], [iov(&mut r)]);
+    // SAFETY: both buffers and both iovec arrays outlive the reaps below.
     unsafe {
         e.push(
             Op::Write {
                 offset: 0,
-                iov: &[iov(&mut w)],
+                iov: &wv,
             },
             Tag::Job { slot: 1, op: 0 },
         );
         e.push(
             Op::Read {
                 offset: 2 * COPIER_MIN as u64,
-                iov: &[iov(&mut r)],
+                iov: &rv,
             },
             Tag::Job { slot: 2, op: 0 },
         )
