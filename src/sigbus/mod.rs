@@ -363,10 +363,19 @@ fn file_identity(r: &GuestRegionMmap<Log>) -> (u64, u64, usize) {
 /// `mem` are not lost (other checks refuse them). One atomic load while no
 /// SIGBUS ever happened; after one, one scan of the watched regions per
 /// region of `mem` the ranges touch.
+#[inline]
 pub fn lost(mem: &Mem, ranges: impl IntoIterator<Item = (u64, u64)>) -> bool {
+    // Inline, so that a caller's iterator of ranges is not even built on the
+    // path taken on every request: no SIGBUS ever happened.
     if FAULTS.load(Ordering::Acquire) == 0 {
         return false;
     }
+    lost_after_a_fault(mem, ranges)
+}
+
+/// [`lost`] once a SIGBUS happened.
+#[cold]
+fn lost_after_a_fault(mem: &Mem, ranges: impl IntoIterator<Item = (u64, u64)>) -> bool {
     // (host start of a region of `mem`, host address from which it is lost)
     let mut seen: Vec<(usize, usize)> = Vec::new();
     for (gpa, len) in ranges {
@@ -407,6 +416,7 @@ fn lost_from(base: usize) -> usize {
 }
 
 /// SIGBUS faults on guest memory absorbed since start (for logs).
+#[inline]
 pub fn faults() -> u64 {
     FAULTS.load(Ordering::Acquire)
 }

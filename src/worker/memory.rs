@@ -185,7 +185,14 @@ pub(super) fn gather(dst: &mut [u8], src: &[&[u8]]) {
 /// CPU copies saw zeroes and its DMA went nowhere, so it must fail with
 /// IOERR. One atomic load while no SIGBUS ever happened. Each new fault is
 /// logged once.
+#[inline]
 pub(super) fn guest_memory_lost(queue: u16, job: &Job) -> bool {
+    sigbus::faults() != 0 && guest_memory_lost_after_a_fault(queue, job)
+}
+
+/// [`guest_memory_lost`] once a SIGBUS happened in this process.
+#[cold]
+fn guest_memory_lost_after_a_fault(queue: u16, job: &Job) -> bool {
     let ranges = job
         .req
         .data
