@@ -205,6 +205,9 @@ pub(super) struct Slots {
     slots: Vec<Box<Option<Job>>>,
     free: Vec<u32>,
     len: usize,
+    /// An empty box that stands in a slot while [`Slots::take_box`] has its
+    /// own out (no allocation per request).
+    spare: Option<Box<Option<Job>>>,
 }
 
 impl Slots {
@@ -233,6 +236,36 @@ impl Slots {
         self.free.push(slot);
         self.len -= 1;
         Some(job)
+    }
+
+    /// Takes `slot`'s box out with its job (which is not copied: a job is a
+    /// few hundred bytes and `finish` runs once per request), leaving an
+    /// empty box in its place. The job counts as out of the table, as after
+    /// [`Slots::take`], but the slot stays reserved until
+    /// [`Slots::put_box`] returns the box.
+    pub(super) fn take_box(&mut self, slot: u32) -> Option<Box<Option<Job>>> {
+        let s = self.slots.get_mut(slot as usize)?;
+        if s.is_none() {
+            return None;
+        }
+        let stand_in = self.spare.take().unwrap_or_default();
+        let b = std::mem::replace(s, stand_in);
+        self.len -= 1;
+        Some(b)
+    }
+
+    /// Returns a box [`Slots::take_box`] took from `slot`: with a job in
+    /// it, that job is in `slot` again; empty, the slot is free.
+    pub(super) fn put_box(&mut self, slot: u32, b: Box<Option<Job>>) {
+        let held = b.is_some();
+        let stand_in = std::mem::replace(&mut self.slots[slot as usize], b);
+        debug_assert!(stand_in.is_none(), "slot {slot} was not taken");
+        self.spare = Some(stand_in);
+        if held {
+            self.len += 1;
+        } else {
+            self.free.push(slot);
+        }
     }
 
     /// The jobs held, in slot order.
@@ -433,5 +466,34 @@ mod tests {
         }
         assert_eq!(iov_at(&mut slots), at);
         assert_eq!(slots.len(), 150);
+    }
+
+    /// `finish` takes a job's box out instead of the job: the job keeps its
+    /// address, is out of the count meanwhile, and its slot is neither
+    /// handed to a new job nor listed until the box comes back.
+    #[test]
+    fn a_taken_box_keeps_its_slot_until_it_is_put_back() {
+        let (_, mem) = guest_memory();
+        let mut slots = Slots::default();
+        let a = slots.insert(read_job(1, &mem));
+        let b = slots.insert(read_job(2, &mem));
+        let at = slots.get_mut(a).unwrap() as *const Job;
+        let boxed = slots.take_box(a).unwrap();
+        assert_eq!((*boxed).as_ref().unwrap() as *const Job, at, "not moved");
+        assert_eq!(slots.len(), 1);
+        assert!(slots.get_mut(a).is_none() && slots.take_box(a).is_none());
+        assert_eq!(slots.iter().map(|j| j.id).collect::<Vec<_>>(), [2]);
+        let c = slots.insert(read_job(3, &mem));
+        assert!(c != a && c != b, "a taken slot is not free");
+        // Put back with its job (a parked copy-out): the same slot again.
+        slots.put_box(a, boxed);
+        assert_eq!(slots.len(), 3);
+        assert_eq!(slots.get_mut(a).unwrap() as *const Job, at);
+        // Put back empty (finished): the slot is free for the next job.
+        let mut boxed = slots.take_box(a).unwrap();
+        *boxed = None;
+        slots.put_box(a, boxed);
+        assert_eq!(slots.len(), 2);
+        assert_eq!(slots.insert(read_job(4, &mem)), a);
     }
 }

@@ -477,14 +477,17 @@ impl QueueWorker {
     /// READ out, writes the status byte, pushes the used element, unpins and
     /// frees the slot.
     pub(super) fn finish(&mut self, slot: u32) {
-        let mut job = self.jobs.take(slot).expect("finished slot is in use");
+        // The job stays in its box (no copy of it); the box is out of the
+        // table meanwhile, so `self` can be borrowed beside the job.
+        let mut boxed = self.jobs.take_box(slot).expect("finished slot is in use");
+        let job = (*boxed).as_mut().expect("a taken box holds its job");
         // Lost guest memory (before, or during the checks' copies): the
         // request fails, and the store takes what the image holds.
-        if job.status == OK && guest_memory_lost(self.index, &job) {
+        if job.status == OK && guest_memory_lost(self.index, job) {
             job.status = IOERR;
         }
-        self.integrity_complete(&mut job);
-        if job.status == OK && guest_memory_lost(self.index, &job) {
+        self.integrity_complete(job);
+        if job.status == OK && guest_memory_lost(self.index, job) {
             job.status = IOERR;
         }
         if let (Some(store), Some((offset, len))) = (self.dev.store(), job.intent.take()) {
@@ -493,16 +496,18 @@ impl QueueWorker {
         if let (Some(ranges), Some(t)) = (self.dev.ranges(), job.range.take()) {
             ranges.release(t);
         }
-        if let Some(waits) = self.copy_out_waits(&job) {
+        if let Some(waits) = self.copy_out_waits(job) {
             // A bounced READ whose destination is still the source of a
             // WRITE under DMA: copying now would tear that write. Wait for
-            // its unpin (bounded like a stall), then copy out.
+            // its unpin (bounded like a stall), then copy out. The job goes
+            // back into its slot.
             let deadline = Instant::now() + self.dev.policy().stall_timeout;
-            let slot = self.jobs.insert(job);
+            self.jobs.put_box(slot, boxed);
             return self.park(slot, Park::CopyOut { waits, deadline });
         }
-        // By reference: a Job is a few hundred bytes, not moved again.
-        self.done(&mut job);
+        self.done(job);
+        *boxed = None;
+        self.jobs.put_box(slot, boxed);
     }
 
     /// The pins a bounced READ must wait for before its data is copied to

@@ -163,6 +163,8 @@ where
     /// Note that this is distinct from the next descriptor chain returned by
     /// [`AvailIter`](struct.AvailIter.html), which is the head of the next
     /// _available_ descriptor chain.
+    // pinblk: inline (one call per descriptor on the request path).
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.ttl == 0 || self.next_index >= self.queue_size {
             return None;
