@@ -97,6 +97,42 @@ class Verdict(unittest.TestCase):
             console_all="blk_update_request: I/O error, dev vda, sector 8\n" + OOPS,
         )
 
+    def test_io_errors_after_not_a_head_follow_from_the_broken_ring(self):
+        # As in a CI run: the driver found id 18 not a head, broke the ring,
+        # and failed every later request; fio then reported them.
+        self.assertVerdict(
+            "guest",
+            "is not a head",
+            pinblk_log=GOOD_LOG,
+            console_all=(
+                "[    9.067269] virtio_blk virtio0: req.0:id 18 is not a head!\n"
+                "[    9.089134] I/O error, dev vda, sector 478856 op 0x1:(WRITE) flags 0x8800\n"
+                "fio: io_u error on file /dev/vda: Input/output error: write offset=245174272\n"
+            ),
+        )
+
+    def test_an_io_error_before_not_a_head_is_pinblks(self):
+        self.assertVerdict(
+            "pinblk",
+            "I/O error",
+            pinblk_log=GOOD_LOG,
+            console_all=(
+                "[    8.1] I/O error, dev vda, sector 8 op 0x1:(WRITE) flags 0x8800\n"
+                "[    9.0] virtio_blk virtio0: req.0:id 18 is not a head!\n"
+            ),
+        )
+
+    def test_not_a_head_with_a_stop_not_completed_is_pinblks(self):
+        self.assertVerdict(
+            "pinblk",
+            "not completed",
+            pinblk_log=start(1, 0) + stop(1, 100, used=99),
+            console_all=(
+                "[    9.0] virtio_blk virtio0: req.0:id 18 is not a head!\n"
+                "[    9.1] I/O error, dev vda, sector 8 op 0x1:(WRITE) flags 0x8800\n"
+            ),
+        )
+
     def test_a_stop_with_a_request_not_completed_is_pinblks(self):
         log = start(1, 0) + stop(1, 100, used=99) + start(2, 100, used=99)
         self.assertVerdict("pinblk", "not completed or completed twice", pinblk_log=log, console_all=OOPS)
