@@ -10,7 +10,7 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK}
 
 use super::events::emit;
 use super::job::{ChunkCrcList, Io, Job, Stage};
-use super::memory::{with_guest_view, with_iov_view};
+use super::memory::with_job_view;
 use super::QueueWorker;
 use crate::guest::{iter_ranges, read_ranges, SECTOR_SIZE};
 use crate::integrity::OnMismatch;
@@ -76,7 +76,7 @@ impl ChunkCrcs {
 impl QueueWorker {
     /// Hands `each` the bytes of `f`'s data buffer as they are now, as a
     /// scatter list, without copying them: its bounce buffer, or the pinned
-    /// guest memory itself ([`with_guest_view`]). `false` (after a log line)
+    /// guest memory itself ([`with_job_view`]). `false` (after a log line)
     /// if guest memory cannot be read or was lost under the access
     /// ([`crate::sigbus`]: then whatever `each` computed must be dropped), or
     /// if `each` returns `false`.
@@ -84,14 +84,7 @@ impl QueueWorker {
         if let Some(b) = f.bounce() {
             return each(&[b.bytes()]);
         }
-        // The transfer's host iovecs when they still cover the buffer (no
-        // region lookups), else a fresh translation of the guest ranges.
-        let mut each = Some(each);
-        let viewed = match with_iov_view(f, |data| (each.take().expect("once"))(data)) {
-            Some(ok) => Ok(ok),
-            None => with_guest_view(&f.mem, &f.req.data, each.take().expect("not called")),
-        };
-        match viewed {
+        match with_job_view(f, each) {
             Err(e) => {
                 log::warn!("request {}: cannot checksum the guest buffer: {e}", f.id);
                 false

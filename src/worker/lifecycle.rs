@@ -23,7 +23,7 @@ use super::job::{
     advance, host_iovecs, lba_blocks, write_extent, BounceBuf, ChunkCrcList, Io, Job, Park, Stage,
     Transfer,
 };
-use super::memory::{gather, guest_memory_lost, with_guest_view, Reserve};
+use super::memory::{gather, guest_memory_lost, with_job_view, Reserve};
 
 use super::{GuestMem, QueueWorker};
 use crate::guest::{mark_dirty, write_ranges};
@@ -253,7 +253,7 @@ impl QueueWorker {
             // copied, while in cache (one pass; R3 needs no second one: the
             // copy is stable). `guest_memory_lost` is asked before submission.
             let dst = b.bytes_mut();
-            let copied = with_guest_view(&job.mem, &job.req.data, |src| {
+            let copied = with_job_view(job, |src| {
                 if checksums {
                     crcs.reserve_exact(dst.len().div_ceil(BLOCK_SIZE as usize));
                     copy_crc32c_blocks(dst, src, |_, c| crcs.push(c));
@@ -315,6 +315,7 @@ impl QueueWorker {
                         && t.remaining == data_len
                         && offset.is_multiple_of(BLOCK_SIZE)
                         && data_len.is_multiple_of(BLOCK_SIZE);
+                    let iov = &t.iov[t.iov_start..];
                     let op = if guard {
                         t.crcs.clear();
                         t.crcs.resize((data_len / BLOCK_SIZE) as usize, 0);
@@ -323,21 +324,11 @@ impl QueueWorker {
                         // (`Slots` boxes every slot) and is not touched
                         // until the READ's completion is reaped.
                         let crcs = unsafe { CrcSink::new(&mut t.crcs, &mut t.guard_done) };
-                        Op::ReadGuarded {
-                            offset,
-                            iov: &t.iov[t.iov_start..],
-                            crcs,
-                        }
+                        Op::ReadGuarded { offset, iov, crcs }
                     } else if read {
-                        Op::Read {
-                            offset,
-                            iov: &t.iov[t.iov_start..],
-                        }
+                        Op::Read { offset, iov }
                     } else {
-                        Op::Write {
-                            offset,
-                            iov: &t.iov[t.iov_start..],
-                        }
+                        Op::Write { offset, iov }
                     };
                     push(&mut self.engine, op);
                 }

@@ -139,23 +139,24 @@ pub(super) fn with_guest_view<R>(
     })
 }
 
-/// Runs `f` on a read-only view of `job`'s data buffer through the host
-/// iovecs its transfer already holds (translated once, when the request was
-/// parsed), with no region lookup; `None` (and `f` not called) if those
-/// iovecs no longer cover the whole buffer (a short transfer advanced them),
-/// if there are more than [`VIEW_INLINE`], or if the job has no transfer.
-/// The caller handles a bounced job first: then the iovecs are its bounce
-/// buffer's. The same caveats as [`with_guest_view`] apply (the guest may
-/// store into the bytes; lost memory reads as zeroes and the caller asks
-/// [`sigbus::lost`]).
-pub(super) fn with_iov_view<R>(job: &Job, f: impl FnOnce(&[&[u8]]) -> R) -> Option<R> {
-    let t = job.transfer()?;
-    let whole = t.iov_start == 0
-        && t.iov.len() <= VIEW_INLINE
-        && t.iov.iter().map(|v| v.len as u64).sum::<u64>() == u64::from(job.req.data_len);
-    if !whole {
-        return None;
-    }
+/// Runs `f` on a read-only view of `job`'s data buffer, as
+/// [`with_guest_view`] does for its guest ranges, but through the host
+/// iovecs the job's transfer already holds (translated once, when the
+/// request was parsed: no region lookup) while they still cover the whole
+/// buffer; otherwise (a short transfer advanced them, more than
+/// [`VIEW_INLINE`] of them, no transfer) through [`with_guest_view`]. A
+/// bounced job's iovecs are its bounce buffer's. Same errors and caveats as
+/// [`with_guest_view`] (the guest may store into the bytes; lost memory
+/// reads as zeroes and the caller asks [`sigbus::lost`]).
+pub(super) fn with_job_view<R>(job: &Job, f: impl FnOnce(&[&[u8]]) -> R) -> Result<R, String> {
+    let whole = job.transfer().filter(|t| {
+        t.iov_start == 0
+            && t.iov.len() <= VIEW_INLINE
+            && t.iov.iter().map(|v| v.len as u64).sum::<u64>() == u64::from(job.req.data_len)
+    });
+    let Some(t) = whole else {
+        return with_guest_view(&job.mem, &job.req.data, f);
+    };
     let mut views: [&[u8]; VIEW_INLINE] = [&[]; VIEW_INLINE];
     for (view, v) in views.iter_mut().zip(&t.iov) {
         // SAFETY: `host_iovecs` made each iovec from a range inside one mapped
@@ -167,7 +168,7 @@ pub(super) fn with_iov_view<R>(job: &Job, f: impl FnOnce(&[&[u8]]) -> R) -> Opti
         // reads them, which only changes what `f` computes from them.
         *view = unsafe { std::slice::from_raw_parts(v.base as *const u8, v.len) };
     }
-    Some(f(&views[..t.iov.len()]))
+    Ok(f(&views[..t.iov.len()]))
 }
 
 /// Copies the scatter list `src` (concatenated) into `dst`, which it fills.
