@@ -64,17 +64,20 @@
 //! [`ChecksumStore::intent_begin`] before its checksums are recorded and
 //! before it is submitted (sets the bits of its regions, counts it in flight),
 //! [`ChecksumStore::intent_end`] after it completed and its checksums were
-//! recorded (in flight −1, the region's last completion generation = a new
-//! value of a global counter). A FLUSH takes a [`FlushTicket`]
-//! ([`ChecksumStore::flush_begin`]) when it is submitted, and after the
-//! fdatasync of the image and of the store completed,
-//! [`ChecksumStore::flush_end`] clears the bit of every region with nothing
-//! in flight and no completion after the ticket. So a bit is clear only when
-//! every write to its region is durable together with its checksums. No lock
-//! on this path: per region one atomic word (in-flight count, and a flag that
-//! holds off `intent_begin` for the few instructions `flush_end` needs to
-//! clear that region's bit), the bit set only if a relaxed load shows it
-//! clear.
+//! recorded (in flight −1, the region's last completion epoch = the FLUSH
+//! epoch now). A FLUSH takes a [`FlushTicket`]
+//! ([`ChecksumStore::flush_begin`]: the epoch, which it then advances) when it
+//! is submitted, and after the fdatasync of the image and of the store
+//! completed, [`ChecksumStore::flush_end`] clears the bit of every region with
+//! nothing in flight and no completion in a later epoch. So a bit is clear
+//! only when every write to its region is durable together with its
+//! checksums. No lock on this path, and two atomic read-modify-writes per
+//! write and region (the in-flight count up and down): per region one atomic
+//! word (in-flight count, and a flag that holds off `intent_begin` for the
+//! few instructions `flush_end` needs to clear that region's bit), the bit
+//! set only if a relaxed load shows it clear, the region's epoch raised only
+//! at its first completion after a FLUSH began (the epoch moves at FLUSHes,
+//! not at every write).
 //!
 //! # Unclean stop and recovery
 //!
@@ -218,19 +221,19 @@ impl Mismatch {
     }
 }
 
-/// The global completion generation at the submission of a FLUSH
+/// The FLUSH epoch at the submission of a FLUSH
 /// ([`ChecksumStore::flush_begin`]); give it back to
 /// [`ChecksumStore::flush_end`] once the FLUSH's fdatasyncs completed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlushTicket {
-    generation: u64,
+    epoch: u64,
 }
 
 impl FlushTicket {
-    /// The completion generation it holds: completions numbered up to this
-    /// one happened before the FLUSH was submitted.
-    pub fn generation(&self) -> u64 {
-        self.generation
+    /// The epoch it holds: a write whose `intent_end` saw this epoch or an
+    /// earlier one completed before the FLUSH was submitted.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 }
 
@@ -239,8 +242,9 @@ impl FlushTicket {
 struct RegionState {
     /// Writes in flight (low 31 bits) and [`CLEARING`].
     state: AtomicU32,
-    /// Completion generation of the last write to end here (0: none).
-    last_gen: AtomicU64,
+    /// FLUSH epoch at the last write to end here (0: none, or before the
+    /// first FLUSH); only grows.
+    last_epoch: AtomicU64,
 }
 /// Scatter-list cursor over the data of one request.
 struct Gather<'a> {
@@ -329,8 +333,8 @@ pub struct ChecksumStore {
     /// The whole file; table and bitmap are accessed through it.
     map: Mapping,
     regions: Vec<RegionState>,
-    /// Global completion generation: +1 at every `intent_end`.
-    completions: AtomicU64,
+    /// FLUSH epoch: +1 at every [`ChecksumStore::flush_begin`].
+    epoch: AtomicU64,
     /// The header as on disk; its lock serializes header writes.
     header: Mutex<Header>,
     stripes: Vec<Mutex<()>>,
@@ -480,7 +484,7 @@ impl ChecksumStore {
             regions: (0..layout.region_count)
                 .map(|_| RegionState::default())
                 .collect(),
-            completions: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             header: Mutex::new(header),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         };
@@ -704,9 +708,11 @@ impl ChecksumStore {
     /// After the request of a successful [`ChecksumStore::intent_begin`]
     /// completed (successfully or not) and its checksums were recorded: one
     /// write fewer in flight in each of its regions, and each region's last
-    /// completion generation becomes a new value of the global counter (so a
-    /// FLUSH submitted before now does not clear the region). A range beyond
-    /// the image, or a call on a read-only store, is ignored (logged).
+    /// completion epoch becomes the FLUSH epoch now (so a FLUSH submitted
+    /// before now does not clear the region). A range beyond the image, or a
+    /// call on a read-only store, is ignored (logged). Lock-free: one atomic
+    /// read-modify-write per region, two in a region's first completion
+    /// after a FLUSH began.
     pub fn intent_end(&self, offset: u64, len: u64) {
         if self.read_only || self.check_range(offset, len).is_err() {
             log::error!(
@@ -719,18 +725,23 @@ impl ChecksumStore {
         if regions.is_empty() {
             return;
         }
-        let generation = self.completions.fetch_add(1, Ordering::AcqRel) + 1;
+        // SeqCst, as flush_begin's increment: this write completed (it
+        // was reaped before this call) before a FLUSH whose increment comes
+        // later in the epoch's order was submitted, so a ticket not older
+        // than the epoch read here means the FLUSH covers it.
+        let epoch = self.epoch.load(Ordering::SeqCst);
         for r in regions {
-            self.end_region(r, generation);
+            self.end_region(r, epoch);
         }
     }
 
-    /// When a FLUSH is submitted: a ticket holding the global completion
-    /// generation now. Every write whose `intent_end` came before this call
-    /// completed before the FLUSH was submitted, so the FLUSH makes it durable.
+    /// When a FLUSH is submitted: a ticket holding the FLUSH epoch now, and
+    /// the epoch advanced. Every write whose `intent_end` came before this
+    /// call (it saw this epoch or an earlier one) completed before the FLUSH
+    /// was submitted, so the FLUSH makes it durable.
     pub fn flush_begin(&self) -> FlushTicket {
         FlushTicket {
-            generation: self.completions.load(Ordering::Acquire),
+            epoch: self.epoch.fetch_add(1, Ordering::SeqCst),
         }
     }
 
@@ -751,7 +762,7 @@ impl ChecksumStore {
                 let r = w as u64 * 64 + u64::from(bits.trailing_zeros());
                 bits &= bits - 1;
                 if r < self.layout.region_count {
-                    self.try_clear(r, t.generation);
+                    self.try_clear(r, t.epoch);
                 }
             }
         }
@@ -909,10 +920,14 @@ impl ChecksumStore {
         }
     }
 
-    fn end_region(&self, r: u64, generation: u64) {
+    fn end_region(&self, r: u64, epoch: u64) {
         let reg = &self.regions[r as usize];
-        // The generation is visible to whoever sees the decrement.
-        reg.last_gen.fetch_max(generation, Ordering::Release);
+        // The epoch is visible to whoever sees the decrement (Release below):
+        // stored here, or stored by another write's Release that this
+        // Acquire load read. It moves only at FLUSHes, so mostly it is here.
+        if reg.last_epoch.load(Ordering::Acquire) < epoch {
+            reg.last_epoch.fetch_max(epoch, Ordering::AcqRel);
+        }
         let mut s = reg.state.load(Ordering::Relaxed);
         loop {
             if s & IN_FLIGHT == 0 {
@@ -933,12 +948,13 @@ impl ChecksumStore {
     }
 
     /// Clears region `r`'s bit if nothing is in flight there and its last
-    /// completion is not newer than `ticket`. While it clears, the region is
+    /// completion is not in an epoch later than `ticket`. While it clears, the region is
     /// flagged [`CLEARING`] so that `intent_begin` waits instead of reading
     /// the bit as set just before it goes.
     fn try_clear(&self, r: u64, ticket: u64) {
         let reg = &self.regions[r as usize];
-        if reg.state.load(Ordering::Acquire) != 0 || reg.last_gen.load(Ordering::Acquire) > ticket {
+        if reg.state.load(Ordering::Acquire) != 0 || reg.last_epoch.load(Ordering::Acquire) > ticket
+        {
             return;
         }
         if reg
@@ -948,7 +964,7 @@ impl ChecksumStore {
         {
             return;
         }
-        if reg.last_gen.load(Ordering::Acquire) <= ticket {
+        if reg.last_epoch.load(Ordering::Acquire) <= ticket {
             let (w, m) = bit(r);
             self.bitmap()[w].fetch_and(!m, Ordering::AcqRel);
         }

@@ -1323,3 +1323,33 @@ fn store_records_and_checks_the_device_identity() {
     let e = img.open_err(&dev("loop:/x.img"));
     assert!(e.to_string().contains("was made for an image file"), "{e}");
 }
+
+#[test]
+fn flush_epochs_move_at_flushes_not_at_writes() {
+    let img = Img::new(2 * MIB, 17);
+    let (store, _) = img.open();
+    let t0 = store.flush_begin();
+    for i in 0..3 {
+        store.intent_begin(i * 4096, 4096).unwrap();
+        store.intent_end(i * 4096, 4096);
+    }
+    let t1 = store.flush_begin();
+    assert_eq!(t1.epoch(), t0.epoch() + 1, "writes do not move the epoch");
+    // The writes ended after the first FLUSH was submitted: it does not
+    // cover them, the second one does.
+    store.flush_end(t0);
+    assert!(store.region_marked(0));
+    store.flush_end(t1);
+    assert!(!store.region_marked(0));
+    // A write in flight across two FLUSHes keeps its region marked until it
+    // ends and a FLUSH submitted after that completes.
+    store.intent_begin(MIB, 4096).unwrap();
+    let t2 = store.flush_begin();
+    store.flush_end(t2);
+    assert!(store.region_marked(1));
+    store.intent_end(MIB, 4096);
+    store.flush_end(t2);
+    assert!(store.region_marked(1), "ended after t2 was taken");
+    store.flush_end(store.flush_begin());
+    assert!(!store.region_marked(1));
+}
