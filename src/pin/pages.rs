@@ -213,13 +213,25 @@ impl PageCounts {
     pub(crate) fn visit_pinned(
         &self,
         ranges: &[GuestRange],
+        f: impl FnMut(u64, u64) -> ControlFlow<()>,
+    ) {
+        self.visit_where(ranges, |_| true, f)
+    }
+
+    /// [`PageCounts::visit_pinned`] for the pages whose word also passes
+    /// `keep`, a cheap test run inline on every word (the caller's common
+    /// case filtered out before `f`).
+    pub(crate) fn visit_where(
+        &self,
+        ranges: &[GuestRange],
+        keep: impl Fn(u64) -> bool,
         mut f: impl FnMut(u64, u64) -> ControlFlow<()>,
     ) {
         self.runs(ranges, false, |run| match run {
             Run::Direct(first, words) => {
                 for (i, w) in words.iter().enumerate() {
                     let v = w.load(Ordering::Acquire);
-                    if v != 0 {
+                    if v != 0 && keep(v) {
                         f(first + i as u64, v)?;
                     }
                 }
@@ -227,7 +239,7 @@ impl PageCounts {
             }
             Run::High(page) => {
                 let v = self.lock_high().get(&page).copied().unwrap_or(0);
-                if v != 0 {
+                if v != 0 && keep(v) {
                     f(page, v)
                 } else {
                     ControlFlow::Continue(())

@@ -709,7 +709,16 @@ impl PinTracker {
     /// in direction `dir` (or either if `None`)? Page counts minus `me`'s own
     /// contribution; stops at the first such page. Lock-free, no allocation.
     fn others(&self, me: &PinHandle, ranges: &[GuestRange], dir: Option<Direction>) -> bool {
-        self.any_pinned_page(ranges, |page, word| {
+        // The common page: `me`'s one pin alone, or no pin in direction `dir`.
+        let mine = pages::one(me.dir);
+        let asked = match dir {
+            None => u64::MAX,
+            Some(Direction::DeviceWrite) => pages::DW_MASK,
+            Some(Direction::DeviceRead) => !pages::DW_MASK,
+        };
+        let mut found = false;
+        let keep = |word: u64| word != mine && word & asked != 0;
+        self.pages.visit_where(ranges, keep, |page, word| {
             let (mut w, mut r) = pages::split(word);
             let own = match me.dir {
                 Direction::DeviceWrite => &mut w,
@@ -721,8 +730,14 @@ impl PinTracker {
             } else {
                 own.saturating_sub(pages::touches_of(ranges, page))
             };
-            pinned_in(w, r, dir)
-        })
+            found = pinned_in(w, r, dir);
+            if found {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        found
     }
 
     /// Slow path: every live pin of every queue that shares a guest page with
