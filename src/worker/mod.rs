@@ -443,9 +443,10 @@ impl QueueWorker {
         } else if status == VIRTIO_BLK_S_UNSUPP as u8 {
             c.unsupp.fetch_add(1, Ordering::Relaxed);
         }
+        // Taken out and put back (no Arc clone: two atomic RMWs per request).
         let vring = self
             .vring
-            .clone()
+            .take()
             .expect("vring is known once a chain was popped");
         self.inflight_pre_put(head);
         if let Err(e) = vring.add_used(head, used_len) {
@@ -455,6 +456,7 @@ impl QueueWorker {
             self.set_fault(Some(RingFault::Unreachable));
         }
         self.inflight_post_put(head, &vring);
+        self.vring = Some(vring);
         self.needs_signal = true;
     }
 }
