@@ -12,7 +12,11 @@
 //! the queue's thread meanwhile parses, pins and checksums the next
 //! requests (R3, R4), as it does while io_uring's kernel workers copy. On a
 //! 2-core machine that pipeline is where a 128 KiB request's checksums stop
-//! costing throughput (docs/DESIGN.md §10).
+//! costing throughput (docs/DESIGN.md §10). A large READ is still copied
+//! inline while the copier has a copy it has not finished, so that both
+//! threads copy (a READ leaves the queue's thread little else to do); a
+//! large WRITE always goes to the copier (the queue's thread has its R3
+//! checksums to take).
 //!
 //! A SIGBUS in the mapping (the file truncated under it, or tmpfs unable to
 //! allocate a page for a hole) is absorbed by [`crate::sigbus`]; the engine
@@ -334,6 +338,13 @@ impl Copier {
         self.in_flight -= n;
     }
 
+    /// Whether a copy handed over is not copied yet (queued or being
+    /// copied): then the next large copy is made inline, so that both
+    /// threads copy.
+    fn busy(&self) -> bool {
+        self.in_flight > self.shared.done_count.load(Ordering::Acquire)
+    }
+
     fn has_done(&self) -> bool {
         self.shared.done_count.load(Ordering::Acquire) > 0
     }
@@ -439,7 +450,7 @@ impl MappedEngine {
     pub(super) unsafe fn push(&mut self, op: Op<'_>, tag: Tag) {
         if let Some(map) = &self.map {
             if let Some(raw) = map.fits(&op) {
-                if raw.total >= COPIER_MIN {
+                if raw.total >= COPIER_MIN && (raw.write || !self.copier.busy()) {
                     self.copier.hand_over(CopyJob { tag, op: raw });
                     return;
                 }

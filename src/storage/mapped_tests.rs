@@ -120,6 +120,84 @@ fn a_truncated_image_falls_back_to_io_uring_instead_of_dying() {
 }
 
 #[test]
+fn a_large_read_is_copied_inline_while_the_copier_is_busy() {
+    let len = 4 * COPIER_MIN;
+    let (_t, f) = image(len);
+    let mut e = MappedEngine::new(&f, 8, len as u64, true).unwrap();
+    let mut w = vec![0x5au8; COPIER_MIN];
+    let mut w2 = vec![0xa5u8; COPIER_MIN];
+    let mut r = vec![0u8; COPIER_MIN];
+    let (wv, w2v, rv) = ([iov(&mut w)], [iov(&mut w2)], [iov(&mut r)]);
+    // SAFETY (every push below): the buffers and iovec arrays outlive the
+    // reaps at the end.
+    unsafe {
+        e.push(
+            Op::Write {
+                offset: 0,
+                iov: &wv,
+            },
+            Tag::Job { slot: 1, op: 0 },
+        )
+    };
+    // Holding the copier's lock keeps that WRITE unfinished: the copier
+    // cannot take it, or cannot hand it back.
+    let shared = e.copier.shared.clone();
+    let held = shared.state.lock().unwrap();
+    assert!(e.copier.busy());
+    // A large READ meanwhile: copied on this thread, complete at once.
+    unsafe {
+        e.push(
+            Op::Read {
+                offset: 2 * COPIER_MIN as u64,
+                iov: &rv,
+            },
+            Tag::Job { slot: 2, op: 0 },
+        )
+    };
+    assert!(e.has_completions());
+    let mut out = Vec::new();
+    e.reap(&mut out);
+    assert_eq!(out, vec![(Tag::Job { slot: 2, op: 0 }, COPIER_MIN as i32)]);
+    let at = 2 * COPIER_MIN;
+    assert!(r
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == ((at + i) % 251) as u8));
+    drop(held);
+    // A large WRITE goes to the copier however busy it is (this thread has
+    // its R3 checksums to take meanwhile): one more in its hands, none
+    // ready here, whether the first WRITE is done by now or not.
+    unsafe {
+        e.push(
+            Op::Write {
+                offset: COPIER_MIN as u64,
+                iov: &w2v,
+            },
+            Tag::Job { slot: 3, op: 0 },
+        )
+    };
+    assert_eq!(e.copier.in_flight, 2);
+    assert!(e.ready.is_empty());
+    out.clear();
+    while out.len() < 2 {
+        e.wait().unwrap();
+        e.reap(&mut out);
+    }
+    out.sort_by_key(|(t, _)| format!("{t:?}"));
+    assert_eq!(
+        out,
+        vec![
+            (Tag::Job { slot: 1, op: 0 }, COPIER_MIN as i32),
+            (Tag::Job { slot: 3, op: 0 }, COPIER_MIN as i32)
+        ]
+    );
+    let mut back = vec![0u8; 2 * COPIER_MIN];
+    f.read_exact_at(&mut back, 0).unwrap();
+    assert!(back[..COPIER_MIN].iter().all(|&x| x == 0x5a));
+    assert!(back[COPIER_MIN..].iter().all(|&x| x == 0xa5));
+}
+
+#[test]
 fn large_copies_go_to_the_copier_and_complete_later() {
     let len = 4 * COPIER_MIN;
     let (_t, f) = image(len);
