@@ -18,7 +18,7 @@ fn image(len: usize) -> (tempfile::NamedTempFile, File) {
 
 fn run(e: &mut Engine, op: Op<'_>) -> i32 {
     // SAFETY: the test's buffers outlive the reap below.
-    unsafe { e.push(op, Tag::Job { slot: 1, op: 0 }) };
+    unsafe { e.push(op, job(1)) };
     e.submit();
     let mut out = Vec::new();
     while out.is_empty() {
@@ -34,6 +34,21 @@ fn iov(b: &mut [u8]) -> IoVec {
         base: b.as_mut_ptr() as usize,
         len: b.len(),
     }
+}
+
+/// A WRITE of `iov` at image byte `offset`.
+fn write_at(offset: u64, iov: &[IoVec]) -> Op<'_> {
+    Op::Write { offset, iov }
+}
+
+/// A READ into `iov` from image byte `offset`.
+fn read_at(offset: u64, iov: &[IoVec]) -> Op<'_> {
+    Op::Read { offset, iov }
+}
+
+/// The tag of the request in worker slot `slot`.
+fn job(slot: u32) -> Tag {
+    Tag::Job { slot, op: 0 }
 }
 
 #[test]
@@ -130,34 +145,18 @@ fn a_large_read_is_copied_inline_while_the_copier_is_busy() {
     let (wv, w2v, rv) = ([iov(&mut w)], [iov(&mut w2)], [iov(&mut r)]);
     // SAFETY (every push below): the buffers and iovec arrays outlive the
     // reaps at the end.
-    unsafe {
-        e.push(
-            Op::Write {
-                offset: 0,
-                iov: &wv,
-            },
-            Tag::Job { slot: 1, op: 0 },
-        )
-    };
+    unsafe { e.push(write_at(0, &wv), job(1)) };
     // Holding the copier's lock keeps that WRITE unfinished: the copier
     // cannot take it, or cannot hand it back.
     let shared = e.copier.shared.clone();
     let held = shared.state.lock().unwrap();
     assert!(e.copier.busy());
     // A large READ meanwhile: copied on this thread, complete at once.
-    unsafe {
-        e.push(
-            Op::Read {
-                offset: 2 * COPIER_MIN as u64,
-                iov: &rv,
-            },
-            Tag::Job { slot: 2, op: 0 },
-        )
-    };
+    unsafe { e.push(read_at(2 * COPIER_MIN as u64, &rv), job(2)) };
     assert!(e.has_completions());
     let mut out = Vec::new();
     e.reap(&mut out);
-    assert_eq!(out, vec![(Tag::Job { slot: 2, op: 0 }, COPIER_MIN as i32)]);
+    assert_eq!(out, vec![(job(2), COPIER_MIN as i32)]);
     let at = 2 * COPIER_MIN;
     assert!(r
         .iter()
@@ -167,15 +166,7 @@ fn a_large_read_is_copied_inline_while_the_copier_is_busy() {
     // A large WRITE goes to the copier however busy it is (this thread has
     // its R3 checksums to take meanwhile): one more in its hands, none
     // ready here, whether the first WRITE is done by now or not.
-    unsafe {
-        e.push(
-            Op::Write {
-                offset: COPIER_MIN as u64,
-                iov: &w2v,
-            },
-            Tag::Job { slot: 3, op: 0 },
-        )
-    };
+    unsafe { e.push(write_at(COPIER_MIN as u64, &w2v), job(3)) };
     assert_eq!(e.copier.in_flight, 2);
     assert!(e.ready.is_empty());
     out.clear();
@@ -186,10 +177,7 @@ fn a_large_read_is_copied_inline_while_the_copier_is_busy() {
     out.sort_by_key(|(t, _)| format!("{t:?}"));
     assert_eq!(
         out,
-        vec![
-            (Tag::Job { slot: 1, op: 0 }, COPIER_MIN as i32),
-            (Tag::Job { slot: 3, op: 0 }, COPIER_MIN as i32)
-        ]
+        vec![(job(1), COPIER_MIN as i32), (job(3), COPIER_MIN as i32)]
     );
     let mut back = vec![0u8; 2 * COPIER_MIN];
     f.read_exact_at(&mut back, 0).unwrap();
@@ -210,20 +198,8 @@ fn large_copies_go_to_the_copier_and_complete_later() {
     let (wv, rv) = ([iov(&mut w)], [iov(&mut r)]);
     // SAFETY: both buffers and both iovec arrays outlive the reaps below.
     unsafe {
-        e.push(
-            Op::Write {
-                offset: 0,
-                iov: &wv,
-            },
-            Tag::Job { slot: 1, op: 0 },
-        );
-        e.push(
-            Op::Read {
-                offset: 2 * COPIER_MIN as u64,
-                iov: &rv,
-            },
-            Tag::Job { slot: 2, op: 0 },
-        )
+        e.push(write_at(0, &wv), job(1));
+        e.push(read_at(2 * COPIER_MIN as u64, &rv), job(2))
     };
     e.submit();
     // Copies in the copier's hands: the worker does not busy-poll for them.
@@ -245,10 +221,7 @@ fn large_copies_go_to_the_copier_and_complete_later() {
     out.sort_by_key(|(t, _)| format!("{t:?}"));
     assert_eq!(
         out,
-        vec![
-            (Tag::Job { slot: 1, op: 0 }, COPIER_MIN as i32),
-            (Tag::Job { slot: 2, op: 0 }, 2 * COPIER_MIN as i32)
-        ]
+        vec![(job(1), COPIER_MIN as i32), (job(2), 2 * COPIER_MIN as i32)]
     );
     let at = 2 * COPIER_MIN;
     assert!(r
