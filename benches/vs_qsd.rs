@@ -376,6 +376,9 @@ enum Kind {
     /// path alone (the peer of `pinblk --null`).
     QsdNull,
     Pinblk(Vec<String>),
+    /// The same flags on the `--pinblk-b` binary: an A/B comparison inside
+    /// the same alternating rounds.
+    PinblkB(Vec<String>),
     /// pinblk serving a loop device attached over the same image (issue 15:
     /// a host block device beside the file).
     PinblkLoop(Vec<String>),
@@ -475,7 +478,11 @@ impl Running {
                     .env("RUST_LOG", "warn");
                 c
             }
-            Kind::Pinblk(extra) => {
+            Kind::Pinblk(extra) | Kind::PinblkB(extra) => {
+                let bin = match (&spec.kind, &opts.pinblk_b) {
+                    (Kind::PinblkB(_), Some(b)) => b,
+                    _ => &opts.pinblk,
+                };
                 // pinblk's checksum store (default IMAGE.pinsum) would be stale
                 // after another backend wrote the image: every READ of such a
                 // block would take the mismatch path. Without a store, pinblk
@@ -483,7 +490,7 @@ impl Running {
                 let mut store = image.as_os_str().to_owned();
                 store.push(".pinsum");
                 let _ = std::fs::remove_file(&store);
-                let mut c = Command::new(&opts.pinblk);
+                let mut c = Command::new(bin);
                 c.arg("serve")
                     .arg("--socket")
                     .arg(&socket)
@@ -658,6 +665,19 @@ fn backends(opts: &Opts, notes: &mut Vec<String>) -> Vec<BackendSpec> {
             kind: Kind::PinblkLoop(vec!["--direct".into()]),
         });
     }
+    if opts.pinblk_b.is_some() {
+        let b: Vec<BackendSpec> = v
+            .iter()
+            .filter_map(|s| match &s.kind {
+                Kind::Pinblk(args) => Some(BackendSpec {
+                    name: format!("B {}", s.name),
+                    kind: Kind::PinblkB(args.clone()),
+                }),
+                _ => None,
+            })
+            .collect();
+        v.extend(b);
+    }
     v
 }
 
@@ -674,6 +694,8 @@ struct Opts {
     only_backends: Option<Vec<String>>,
     warmup_pass: bool,
     pinblk: String,
+    /// A second pinblk binary (`--pinblk-b`): each pinblk row again on it.
+    pinblk_b: Option<String>,
     qsd: String,
     out: PathBuf,
     dir: PathBuf,
@@ -691,6 +713,9 @@ vs_qsd: pinblk against qemu-storage-daemon (run via ci/bench or `cargo bench --b
   --backends S,T      only backends whose label contains one of these (e.g. qemu,null,always)
   --no-warmup-pass    skip the discarded 0.2 s-per-workload pass over every backend before round 1
   --pinblk PATH       pinblk binary (default $PINBLK, else target/release/pinblk)
+  --pinblk-b PATH     a second pinblk binary: every pinblk row again on it (\"B ...\"), in the
+                      same alternating rounds, and a \"B / A\" table (with --backends, an A/B
+                      comparison of two builds that shares the machine's drift)
   --qsd PATH          qemu-storage-daemon (default $QSD, else qemu-storage-daemon)
   --out PATH          Markdown output (default target/bench/results.md)
   --dir PATH          where the image and sockets go (default /dev/shm)
@@ -723,6 +748,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                 .to_string_lossy()
                 .into_owned()
         }),
+        pinblk_b: None,
         qsd: std::env::var("QSD").unwrap_or_else(|_| "qemu-storage-daemon".into()),
         out: root.join("target/bench/results.md"),
         dir: PathBuf::from("/dev/shm"),
@@ -762,6 +788,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             }
             "--no-warmup-pass" => o.warmup_pass = false,
             "--pinblk" => o.pinblk = val()?,
+            "--pinblk-b" => o.pinblk_b = Some(val()?),
             "--qsd" => o.qsd = val()?,
             "--out" => o.out = PathBuf::from(val()?),
             "--dir" => o.dir = PathBuf::from(val()?),
@@ -1182,6 +1209,31 @@ fn report(
                 fmt_opt(m.cpu, 2),
                 ratio
             );
+        }
+        let _ = writeln!(r);
+    }
+
+    if let Some(b) = &opts.pinblk_b {
+        let _ = writeln!(r, "### B / A: `{b}` against `{}`\n", opts.pinblk);
+        let _ = writeln!(r, "| backend | workload | A IOPS | B IOPS | B / A |");
+        let _ = writeln!(r, "|---|---|---:|---:|---:|");
+        for (bi, spec) in specs.iter().enumerate() {
+            let Some(a_name) = spec.name.strip_prefix("B ") else {
+                continue;
+            };
+            let Some(ai) = specs.iter().position(|s| s.name == a_name) else {
+                continue;
+            };
+            for (wi, w) in opts.workloads.iter().enumerate() {
+                if let (Some(a), Some(b)) = (meds[ai][wi].iops, meds[bi][wi].iops) {
+                    let _ = writeln!(
+                        r,
+                        "| {a_name} | {} | {a:.0} | {b:.0} | {:.3} |",
+                        w.id,
+                        b / a
+                    );
+                }
+            }
         }
         let _ = writeln!(r);
     }
