@@ -33,7 +33,7 @@ import sys
 
 RING = re.compile(
     r"connection (\d+): queue (\d+) (started|stopped after draining \d+ request\(s\)): "
-    r"next avail (\d+), next used (\d+); in guest memory: avail idx (\S+), used idx (\S+)"
+    r"next avail (\d+), next used (\d+); in guest memory: avail idx ([^,;\s]+), used idx ([^,;\s]+)"
 )
 
 

@@ -19,13 +19,15 @@ import unittest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrate-verdict.py")
 T = "[2026-11-30T14:21:22.489Z INFO  pinblk::ring] "
+# What pinblk appends to the ring lines: the last entries of both rings.
+TAIL = "; last heads made available [4 15 19]; last used elements (head:len) [0:4097 18:1 11:4097]"
 
 
 def start(conn, avail, used=None):
     used = avail if used is None else used
     return (
         f"{T}connection {conn}: queue 0 started: next avail {avail}, next used {used}; "
-        f"in guest memory: avail idx {avail}, used idx {used}\n"
+        f"in guest memory: avail idx {avail}, used idx {used}{TAIL}\n"
     )
 
 
@@ -34,7 +36,7 @@ def stop(conn, avail, used=None, mem_used=None):
     mem_used = used if mem_used is None else mem_used
     return (
         f"{T}connection {conn}: queue 0 stopped after draining 3 request(s): next avail {avail}, "
-        f"next used {used}; in guest memory: avail idx {avail}, used idx {mem_used}\n"
+        f"next used {used}; in guest memory: avail idx {avail}, used idx {mem_used}{TAIL}\n"
     )
 
 

@@ -78,9 +78,12 @@ impl QueueWorker {
             .used_idx(&*mem, Ordering::Acquire)
             .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
         format!(
-            "next avail {}, next used {}; in guest memory: avail idx {avail}, used idx {used}",
+            "next avail {}, next used {}; in guest memory: avail idx {avail}, used idx {used}; \
+             last heads made available {}; last used elements (head:len) {}",
             q.next_avail(),
-            q.next_used()
+            q.next_used(),
+            ring_tail(&mem, q.avail_ring(), 2, q.next_avail(), q.size()),
+            ring_tail(&mem, q.used_ring(), 8, q.next_used(), q.size()),
         )
     }
 
@@ -121,3 +124,39 @@ impl QueueWorker {
         }
     }
 }
+
+/// The last [`RING_TAIL`] entries of a split ring before index `end`
+/// (virtio 1.2 §2.7.6 and §2.7.8: `ring` is the guest-physical address of
+/// the ring (its flags field), `stride` 2 for the avail ring's heads, 8 for the
+/// used ring's `{id: le32, len: le32}`), oldest first, as `head` or
+/// `head:len`. For the ring-stop and ring-start lines: comparing the two
+/// sides of a migration shows whether the used ring arrived as written.
+fn ring_tail(mem: &crate::guest::GuestMem, ring: u64, stride: u64, end: u16, size: u16) -> String {
+    use vm_memory::Bytes;
+    if size == 0 || ring == 0 {
+        return "-".into();
+    }
+    let n = RING_TAIL.min(u64::from(size));
+    let mut out = Vec::with_capacity(n as usize);
+    for k in (1..=n).rev() {
+        let slot = u64::from(end.wrapping_sub(k as u16) % size);
+        let at = GuestAddress(ring + 4 + slot * stride);
+        let entry = if stride == 8 {
+            match (
+                mem.read_obj::<u32>(at),
+                mem.read_obj::<u32>(GuestAddress(at.0 + 4)),
+            ) {
+                (Ok(id), Ok(len)) => format!("{}:{}", u32::from_le(id), u32::from_le(len)),
+                _ => "?".into(),
+            }
+        } else {
+            mem.read_obj::<u16>(at)
+                .map_or_else(|_| "?".into(), |h| u16::from_le(h).to_string())
+        };
+        out.push(entry);
+    }
+    format!("[{}]", out.join(" "))
+}
+
+/// How many entries of each ring the ring-stop and ring-start lines show.
+const RING_TAIL: u64 = 12;

@@ -271,6 +271,47 @@ fn many_requests_in_one_batch() {
     assert_eq!(d.used().len(), 80);
 }
 
+/// The ring-stop and ring-start lines name the last heads made available
+/// and the last used elements (head:len) as they are in guest memory, in
+/// ring order: what tells, after a migration, whether the destination's
+/// used ring is the one the source wrote.
+#[test]
+fn ring_state_shows_the_last_entries_of_both_rings() {
+    let (mut b, gm) = Backend::new(false);
+    let mut d = b.driver(&gm);
+    let ios: Vec<Io> = (0..11u64)
+        .map(|i| d.write(i * 8, &pattern(i as u8, 512)))
+        .collect();
+    b.run();
+    let read = d.read(0, 1024);
+    b.run();
+    let state = b.worker.ring_state(&b.vring);
+    let (indices, rings) = state.split_once("; last heads made available [").unwrap();
+    assert_eq!(
+        indices,
+        "next avail 12, next used 12; in guest memory: avail idx 12, used idx 12"
+    );
+    let (avail, used) = rings
+        .strip_suffix(']')
+        .and_then(|r| r.split_once("]; last used elements (head:len) ["))
+        .unwrap_or_else(|| panic!("{state}"));
+    // The avail ring in submission order; the used ring in completion
+    // order, which for the WRITEs (used length 1, the status byte) the
+    // storage engine decides, and the READ (1024 + 1) after them.
+    let heads: Vec<String> = ios
+        .iter()
+        .chain([&read])
+        .map(|io| io.head.to_string())
+        .collect();
+    assert_eq!(avail, heads.join(" "));
+    let mut used: Vec<&str> = used.split(' ').collect();
+    assert_eq!(used.pop(), Some(&*format!("{}:1025", read.head)));
+    used.sort_unstable();
+    let mut want: Vec<String> = ios.iter().map(|io| format!("{}:1", io.head)).collect();
+    want.sort_unstable();
+    assert_eq!(used, want);
+}
+
 #[test]
 fn indirect_read() {
     let (mut b, gm) = Backend::new(false);
