@@ -45,9 +45,13 @@ fn gpa() -> impl Strategy<Value = u64> {
 }
 
 /// Ranges of 1 byte to 20 KiB; half of them in 512-byte units, so that
-/// ranges often end exactly where another begins.
+/// ranges often end exactly where another begins. One in four is large
+/// instead: 4 KiB to 192 KiB, half of them starting on a 64 KiB granule, so
+/// that whole granules are counted in their granule word and partial ones
+/// in page words (`pages.rs`), on both sides of the 1 GiB chunk boundary
+/// and of the 128 TiB direct-table limit.
 fn ranges() -> impl Strategy<Value = Vec<GuestRange>> {
-    let range = (gpa(), 1u32..0x5000, any::<bool>()).prop_map(|(addr, len, sectors)| {
+    let small = (gpa(), 1u32..0x5000, any::<bool>()).prop_map(|(addr, len, sectors)| {
         if sectors {
             GuestRange {
                 addr: addr & !0x1ff,
@@ -57,7 +61,17 @@ fn ranges() -> impl Strategy<Value = Vec<GuestRange>> {
             GuestRange { addr, len }
         }
     });
-    prop::collection::vec(range, 1..4)
+    let large_at = prop_oneof![
+        0u64..0x20000,
+        (GIB - 0x20000)..(GIB + 0x10000),
+        (DIRECT_LIMIT - 0x20000)..(DIRECT_LIMIT + 0x10000),
+    ];
+    let large =
+        (large_at, 0x1000u32..0x30000, any::<bool>()).prop_map(|(addr, len, aligned)| GuestRange {
+            addr: if aligned { addr & !0xffff } else { addr },
+            len,
+        });
+    prop::collection::vec(prop_oneof![3 => small, 1 => large], 1..4)
 }
 
 fn direction() -> impl Strategy<Value = Direction> {
