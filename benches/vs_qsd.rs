@@ -710,7 +710,9 @@ vs_qsd: pinblk against qemu-storage-daemon (run via ci/bench or `cargo bench --b
   --size BYTES        image size (K/M/G suffixes; default 1G)
   --num-queues N      queues each backend offers (default 2)
   --workloads A,B     only these workload ids (default all)
-  --backends S,T      only backends whose label contains one of these (e.g. qemu,null,always)
+  --backends S,T      only backends whose label contains one of these (e.g. qemu,null,always);
+                      one starting with '=' must be the whole label (e.g. '=pinblk --checksum off',
+                      which alone would also pick the --poll-max-us 0 row)
   --no-warmup-pass    skip the discarded 0.2 s-per-workload pass over every backend before round 1
   --pinblk PATH       pinblk binary (default $PINBLK, else target/release/pinblk)
   --pinblk-b PATH     a second pinblk binary: every pinblk row again on it (\"B ...\"), in the
@@ -953,7 +955,10 @@ fn run(opts: &Opts) -> Result<(), String> {
     if let Some(only) = &opts.only_backends {
         specs.retain(|s| {
             let n = s.name.to_lowercase();
-            only.iter().any(|o| n.contains(o.as_str()))
+            only.iter().any(|o| match o.strip_prefix('=') {
+                Some(whole) => n == whole,
+                None => n.contains(o.as_str()),
+            })
         });
     }
     for n in &notes {

@@ -91,6 +91,9 @@ stop_pinblk() {
 	return $st
 }
 trap 'kill -KILL $PID 2>/dev/null || true; [[ -z $PID ]] || wait $PID 2>/dev/null; detach_loop; rm -f "${IMAGES[@]}"' EXIT
+# Killed (timeout, Ctrl-C): exit, so that the EXIT trap removes the images
+# (--image-dir puts them in /dev/shm, where they would hold memory).
+trap 'exit 130' INT TERM HUP
 
 failed=0
 summary=()
