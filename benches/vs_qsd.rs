@@ -956,7 +956,9 @@ fn run(opts: &Opts) -> Result<(), String> {
         specs.retain(|s| {
             let n = s.name.to_lowercase();
             // A "B ..." row (--pinblk-b) goes with its A row.
-            let a = n.strip_prefix("b ").filter(|_| matches!(s.kind, Kind::PinblkB(_)));
+            let a = n
+                .strip_prefix("b ")
+                .filter(|_| matches!(s.kind, Kind::PinblkB(_)));
             only.iter().any(|o| match o.strip_prefix('=') {
                 Some(whole) => n == whole || a == Some(whole),
                 None => n.contains(o.as_str()),
