@@ -159,6 +159,7 @@ fn run(dev: &Device, cmd: &str, args: &Map<String, Value>) -> Result<Value, Valu
                 "requests": dev.counters(),
                 "pins": dev.pins().counters(),
                 "events": dev.report().counters(),
+                "queues": dev.queue_gauges(),
             }))
         }
         "query-pins" => {

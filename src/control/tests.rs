@@ -38,6 +38,7 @@ fn queries_answer_with_return_objects() {
     assert_eq!(r["return"]["requests"]["requests"], 0);
     assert_eq!(r["return"]["pins"]["inflight_pins"], 0);
     assert_eq!(r["return"]["events"]["conflicts"], 0);
+    assert_eq!(r["return"]["queues"], json!([]), "no queue served yet");
     let r = exec(&dev, json!({"execute": "query-pins"}));
     assert_eq!(r["return"]["num_queues"], 2);
     assert_eq!(r["return"]["counters"]["pinned_pages"], 0);

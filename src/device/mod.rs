@@ -8,7 +8,7 @@
 //! arguments into a [`DeviceOptions`]; this module knows nothing of argument parsing.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -20,7 +20,7 @@ use crate::integrity::{
 use crate::pin::policy::PolicyConfig;
 use crate::pin::PinTracker;
 use crate::report::{ChecksumFailureEvent, Event, RecoveredEvent, ReportWriter};
-use crate::storage::{Image, ImageOptions};
+use crate::storage::{EngineKind, Image, ImageOptions};
 use crate::virtio_blk::config::DeviceConfig;
 
 mod error;
@@ -40,8 +40,11 @@ pub const MAX_QUEUES: u16 = 64;
 pub const MAX_CONNECTIONS: u16 = 2;
 /// Smallest and largest virtqueue size accepted (a power of two), in entries.
 pub const QUEUE_SIZE_RANGE: std::ops::RangeInclusive<u16> = 2..=1024;
-/// Default [`DeviceOptions::poll_max`]: 32 µs, QEMU's default `poll-max-ns`.
-pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(32);
+/// Default [`DeviceOptions::poll_max`]: 128 µs (4x QEMU's default
+/// `poll-max-ns`: where a wake-up costs tens of microseconds, as in a VM
+/// whose IPIs exit to the hypervisor, 32 µs ran out before the driver's
+/// next batch and polling died out; docs/DESIGN.md §8 "Polling").
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(128);
 
 /// Everything a device needs, built by the caller (the command line, a test)
 /// and given to [`Device::open`]. [`DeviceOptions::new`] has the defaults of
@@ -185,6 +188,29 @@ pub struct QueueCounters {
     /// Bytes of bounce buffers this queue holds now (a gauge, limited by
     /// [`PolicyConfig::bounce_queue_bytes`]; not in [`Counters`]).
     pub bounce_bytes: AtomicU64,
+    /// Requests popped from the avail ring and not yet done (a gauge the
+    /// worker sets after each batch; not in [`Counters`]).
+    pub in_flight: AtomicU64,
+    /// The storage engine serving this queue now, as
+    /// [`crate::storage::EngineKind`] `as u8`; 0 before a worker served it.
+    pub engine: AtomicU8,
+}
+
+/// One queue slot's gauges (`query-stats` "queues"): see [`QueueCounters`].
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct QueueGauges {
+    /// Connection lane (0, or 1 for a second connection during a migration
+    /// or a reconnect).
+    pub lane: u16,
+    /// Virtqueue index.
+    pub queue: u16,
+    /// Storage engine now: `io_uring`, `mmap`, `null`, or
+    /// `io_uring_after_sigbus` (the image mapping was dropped).
+    pub engine: &'static str,
+    /// Requests popped and not yet done.
+    pub in_flight: u64,
+    /// Bytes of bounce buffers held.
+    pub bounce_bytes: u64,
 }
 
 /// A summed snapshot of [`QueueCounters`], for logs and reports.
@@ -388,6 +414,26 @@ impl Device {
     /// per virtqueue, slot = lane × queues + queue index.
     pub fn queue_counters(&self) -> &[QueueCounters] {
         &self.queue_counters
+    }
+
+    /// The gauges of every queue slot a worker has served (engine set),
+    /// in slot order.
+    pub fn queue_gauges(&self) -> Vec<QueueGauges> {
+        let queues = self.config.num_queues.max(1);
+        self.queue_counters
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, q)| {
+                let engine = EngineKind::from_u8(q.engine.load(Ordering::Relaxed))?;
+                Some(QueueGauges {
+                    lane: slot as u16 / queues,
+                    queue: slot as u16 % queues,
+                    engine: engine.name(),
+                    in_flight: q.in_flight.load(Ordering::Relaxed),
+                    bounce_bytes: q.bounce_bytes.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
     }
 
     /// `--null`: READ and WRITE complete without touching the image.

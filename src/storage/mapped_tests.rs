@@ -1,7 +1,7 @@
 //! Unit tests of the mapped engine ([`super`]): real files, real mappings, real SIGBUS.
 use std::os::unix::fs::FileExt;
 
-use super::super::{CrcSink, Engine, IoVec};
+use super::super::{CrcSink, Engine, EngineKind, IoVec};
 use super::*;
 
 fn image(len: usize) -> (tempfile::NamedTempFile, File) {
@@ -104,6 +104,7 @@ fn past_the_end_goes_to_io_uring_with_its_short_read() {
 fn a_truncated_image_falls_back_to_io_uring_instead_of_dying() {
     let (_t, f) = image(65536);
     let mut e = Engine::mapped(&f, 8, 65536, true).unwrap();
+    assert_eq!(e.kind(), EngineKind::Mapped);
     f.set_len(16384).unwrap();
     let mut buf = vec![7u8; 8192];
     // Without the SIGBUS watch this read kills the test process.
@@ -119,6 +120,11 @@ fn a_truncated_image_falls_back_to_io_uring_instead_of_dying() {
         "io_uring's preadv past the new end of file reads 0 bytes"
     );
     assert!(matches!(&e, Engine::Mapped(m) if !m.mapped()));
+    assert_eq!(
+        e.kind(),
+        EngineKind::UringAfterSigbus,
+        "query-stats shows it"
+    );
     // Later operations use io_uring: a write past the end extends the file.
     let mut w = vec![0x5au8; 4096];
     let r = run(
@@ -249,6 +255,11 @@ fn a_copier_copy_that_faults_is_redone_through_io_uring() {
     );
     assert_eq!(got, 0, "preadv past the new end of file");
     assert!(matches!(&e, Engine::Mapped(m) if !m.mapped()));
+    assert_eq!(
+        e.kind(),
+        EngineKind::UringAfterSigbus,
+        "query-stats shows it"
+    );
 }
 
 #[test]

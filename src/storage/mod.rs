@@ -14,5 +14,5 @@ pub mod image;
 pub use aio::{Aio, AioChoice};
 #[cfg(test)]
 pub use engine::FakeHandle;
-pub use engine::{CrcSink, Engine, Op, Tag};
+pub use engine::{CrcSink, Engine, EngineKind, Op, Tag};
 pub use image::{Image, ImageOptions, StorageError};

@@ -203,6 +203,9 @@ impl QueueWorker {
                 })),
             );
         }
+        let c = &dev.queue_counters()[usize::from(slot)];
+        c.engine.store(engine.kind() as u8, Ordering::Relaxed);
+        c.in_flight.store(0, Ordering::Relaxed);
         Ok(QueueWorker {
             dev,
             mem,
@@ -391,7 +394,16 @@ impl QueueWorker {
         self.completions = done;
     }
 
+    /// Ends a batch: publishes the queue's gauges (`query-stats`) and, if
+    /// used elements were pushed, notifies the driver unless it asked not
+    /// to be (virtio 1.2 §2.7.10).
     fn signal(&mut self, vring: &Vring) {
+        let c = self.counters();
+        c.in_flight.store(self.jobs.len() as u64, Ordering::Relaxed);
+        let kind = self.engine.kind() as u8;
+        if c.engine.load(Ordering::Relaxed) != kind {
+            c.engine.store(kind, Ordering::Relaxed);
+        }
         if !self.needs_signal {
             return;
         }
