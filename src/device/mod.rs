@@ -8,10 +8,8 @@
 //! arguments into a [`DeviceOptions`]; this module knows nothing of argument parsing.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-use serde::Serialize;
 
 use crate::integrity::ranges::RangeLocks;
 use crate::integrity::{
@@ -23,11 +21,13 @@ use crate::report::{ChecksumFailureEvent, Event, RecoveredEvent, ReportWriter};
 use crate::storage::{EngineKind, Image, ImageOptions};
 use crate::virtio_blk::config::DeviceConfig;
 
+mod counters;
 mod error;
 mod parts;
 mod runtime;
 mod topology;
 
+pub use counters::{Counters, QueueCounters, QueueGauges};
 pub use error::DeviceError;
 pub use parts::DeviceParts;
 pub use runtime::RuntimeSettings;
@@ -164,75 +164,6 @@ impl DeviceOptions {
 
 /// Default largest READ or WRITE data buffer (`--max-transfer`): 32 MiB, in bytes.
 pub const DEFAULT_MAX_TRANSFER: u32 = 32 << 20;
-
-/// Counters of one virtqueue. Each queue has its own, so queues never share a
-/// cache line on the hot path; [`Device::counters`] sums them.
-#[derive(Debug, Default)]
-pub struct QueueCounters {
-    /// Requests completed, any status.
-    pub requests: AtomicU64,
-    /// Bytes read from the image into guest memory.
-    pub bytes_read: AtomicU64,
-    /// Bytes written from guest memory to the image.
-    pub bytes_written: AtomicU64,
-    /// FLUSH requests completed.
-    pub flushes: AtomicU64,
-    /// DISCARD and WRITE_ZEROES requests completed.
-    pub discards: AtomicU64,
-    /// Requests completed with VIRTIO_BLK_S_IOERR.
-    pub ioerr: AtomicU64,
-    /// Requests completed with VIRTIO_BLK_S_UNSUPP.
-    pub unsupp: AtomicU64,
-    /// Descriptor chains so malformed that no status could be written.
-    pub dropped: AtomicU64,
-    /// Bytes of bounce buffers this queue holds now (a gauge, limited by
-    /// [`PolicyConfig::bounce_queue_bytes`]; not in [`Counters`]).
-    pub bounce_bytes: AtomicU64,
-    /// Requests popped from the avail ring and not yet done (a gauge the
-    /// worker sets after each batch; not in [`Counters`]).
-    pub in_flight: AtomicU64,
-    /// The storage engine serving this queue now, as
-    /// [`crate::storage::EngineKind`] `as u8`; 0 before a worker served it.
-    pub engine: AtomicU8,
-}
-
-/// One queue slot's gauges (`query-stats` "queues"): see [`QueueCounters`].
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct QueueGauges {
-    /// Connection lane (0, or 1 for a second connection during a migration
-    /// or a reconnect).
-    pub lane: u16,
-    /// Virtqueue index.
-    pub queue: u16,
-    /// Storage engine now: `io_uring`, `mmap`, `null`, or
-    /// `io_uring_after_sigbus` (the image mapping was dropped).
-    pub engine: &'static str,
-    /// Requests popped and not yet done.
-    pub in_flight: u64,
-    /// Bytes of bounce buffers held.
-    pub bounce_bytes: u64,
-}
-
-/// A summed snapshot of [`QueueCounters`], for logs and reports.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Counters {
-    /// Requests completed, any status.
-    pub requests: u64,
-    /// Bytes read from the image into guest memory.
-    pub bytes_read: u64,
-    /// Bytes written from guest memory to the image.
-    pub bytes_written: u64,
-    /// FLUSH requests completed.
-    pub flushes: u64,
-    /// DISCARD and WRITE_ZEROES requests completed.
-    pub discards: u64,
-    /// Requests completed with VIRTIO_BLK_S_IOERR.
-    pub ioerr: u64,
-    /// Requests completed with VIRTIO_BLK_S_UNSUPP.
-    pub unsupp: u64,
-    /// Chains dropped without a status byte.
-    pub dropped: u64,
-}
 
 /// One served block device. Built once ([`Device::open`] or
 /// [`Device::from_parts`]) and never changed after, except the settings of

@@ -200,3 +200,42 @@ mod tests {
         assert_eq!(choose(Aio::IoUring, &k).unwrap().aio, Aio::IoUring);
     }
 }
+
+/// Which engine serves a queue now (`query-stats`), kept in an `AtomicU8`
+/// ([`crate::device::QueueCounters::engine`]; 0 is "none yet").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EngineKind {
+    /// io_uring on the image (`--aio io_uring`).
+    Uring = 1,
+    /// READ and WRITE through a mapping of the image (`--aio mmap`).
+    Mapped = 2,
+    /// `--null`.
+    Null = 3,
+    /// `--aio mmap` whose mapping raised SIGBUS: io_uring from then on.
+    UringAfterSigbus = 4,
+}
+
+impl EngineKind {
+    /// The kind stored as `v`; `None` for 0 (no engine yet) or an unknown value.
+    pub fn from_u8(v: u8) -> Option<EngineKind> {
+        [
+            EngineKind::Uring,
+            EngineKind::Mapped,
+            EngineKind::Null,
+            EngineKind::UringAfterSigbus,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == v)
+    }
+
+    /// Its name in `query-stats`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Uring => "io_uring",
+            EngineKind::Mapped => "mmap",
+            EngineKind::Null => "null",
+            EngineKind::UringAfterSigbus => "io_uring_after_sigbus",
+        }
+    }
+}

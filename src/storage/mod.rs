@@ -11,8 +11,8 @@ pub mod blockdev;
 pub mod engine;
 pub mod image;
 
-pub use aio::{Aio, AioChoice};
+pub use aio::{Aio, AioChoice, EngineKind};
 #[cfg(test)]
 pub use engine::FakeHandle;
-pub use engine::{CrcSink, Engine, EngineKind, Op, Tag};
+pub use engine::{CrcSink, Engine, Op, Tag};
 pub use image::{Image, ImageOptions, StorageError};
