@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{count, events, pattern, scrub, Client, Server};
+use common::{count, ctl, events, pattern, scrub, Client, Server};
 
 const MIB: usize = 1 << 20;
 
@@ -124,23 +124,6 @@ fn mmap_with_direct_is_refused_with_what_to_do() {
     );
 }
 
-/// `pinblk ctl SOCKET query-stats`: the reply's `return` object.
-fn query_stats(control: &std::path::Path) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_pinblk"))
-        .arg("ctl")
-        .arg(control)
-        .arg("query-stats")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.get("return").cloned().unwrap_or(v)
-}
-
 #[test]
 fn an_image_truncated_under_its_mapping_does_not_kill_pinblk() {
     let ctl_dir = tempfile::tempdir().unwrap();
@@ -161,7 +144,9 @@ fn an_image_truncated_under_its_mapping_does_not_kill_pinblk() {
     let mut c = Client::connect(&srv.socket, 1, 2 * MIB).unwrap();
     c.buf()[..4096].copy_from_slice(&pattern(5, 4096));
     assert_eq!(c.write(0, 0, 0, 4096), 0);
-    let q = &query_stats(&control)["queues"][0];
+    let (ok, stats, err) = ctl(&control, &["query-stats"]);
+    assert!(ok, "{err}");
+    let q = &stats["queues"][0];
     assert_eq!(q["engine"], "mmap", "{q}");
     assert_eq!(q["queue"], 0, "{q}");
     assert_eq!(q["in_flight"], 0, "nothing in flight between requests: {q}");
@@ -183,7 +168,9 @@ fn an_image_truncated_under_its_mapping_does_not_kill_pinblk() {
         srv.log_text()
     );
     // The queue goes on with io_uring, and says so.
-    let q = &query_stats(&control)["queues"][0];
+    let (ok, stats, err) = ctl(&control, &["query-stats"]);
+    assert!(ok, "{err}");
+    let q = &stats["queues"][0];
     assert_eq!(q["engine"], "io_uring_after_sigbus", "{q}");
     c.buf()[..4096].fill(0);
     assert_eq!(c.read(0, 0, 0, 4096), 0);

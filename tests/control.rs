@@ -8,13 +8,12 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blkio::ReqFlags;
-use common::{events, pattern, Client, Server};
+use common::{ctl, events, pattern, Client, Server};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -58,22 +57,6 @@ fn start(dir: &tempfile::TempDir) -> (Server, PathBuf, PathBuf) {
         std::thread::sleep(Duration::from_millis(20));
     }
     (srv, ctl, report)
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> (bool, Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pinblk"))
-        .arg("ctl")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let v = serde_json::from_str(&text).unwrap_or(Value::Null);
-    (
-        out.status.success(),
-        v,
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
 }
 
 /// What the I/O thread did.

@@ -229,11 +229,11 @@ impl EngineKind {
         .find(|k| *k as u8 == v)
     }
 
-    /// Its name in `query-stats`.
+    /// Its name in `query-stats` (`--aio`'s names for io_uring and mmap).
     pub fn name(self) -> &'static str {
         match self {
-            EngineKind::Uring => "io_uring",
-            EngineKind::Mapped => "mmap",
+            EngineKind::Uring => Aio::IoUring.name(),
+            EngineKind::Mapped => Aio::Mmap.name(),
             EngineKind::Null => "null",
             EngineKind::UringAfterSigbus => "io_uring_after_sigbus",
         }

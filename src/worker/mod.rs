@@ -399,7 +399,7 @@ impl QueueWorker {
     /// to be (virtio 1.2 §2.7.10).
     fn signal(&mut self, vring: &Vring) {
         let c = self.counters();
-        c.in_flight.store(self.jobs.len() as u64, Ordering::Relaxed);
+        c.in_flight.store(self.inflight() as u64, Ordering::Relaxed);
         let kind = self.engine.kind() as u8;
         if c.engine.load(Ordering::Relaxed) != kind {
             c.engine.store(kind, Ordering::Relaxed);

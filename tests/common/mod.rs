@@ -299,6 +299,24 @@ pub fn count(events: &[serde_json::Value], kind: &str) -> usize {
     events.iter().filter(|e| e["kind"] == kind).count()
 }
 
+/// Runs `pinblk ctl SOCKET ARGS...`: (exited 0, the JSON it printed (the
+/// command's `return` value; `Null` if not JSON), stderr).
+pub fn ctl(socket: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pinblk"))
+        .arg("ctl")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.success(),
+        v,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 /// Runs `pinblk scrub --image IMAGE`: (exited 0, exit code, stdout + stderr).
 pub fn scrub(image: &Path) -> (bool, Option<i32>, String) {
     scrub_with(image, None)
